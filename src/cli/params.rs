@@ -1,0 +1,55 @@
+//! `dlc params`: the layer table or its JSON form.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use dlc::report;
+use dlc::session::{Select, compile};
+
+use super::ModelArgs;
+
+/// Output formats of `dlc params`.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum Format {
+    /// A torchinfo-style table.
+    Table,
+    /// One JSON object with totals and every layer.
+    Json,
+}
+
+/// Arguments of `dlc params`.
+#[derive(Args, Debug)]
+pub struct ParamsArgs {
+    /// The spec file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// How many levels of blocks to expand; deeper levels are summed into their parent row,
+    /// and identical repeated blocks at the last level shown are folded as `×N`.
+    #[arg(long, short, default_value_t = 2)]
+    depth: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// Prints the table (or JSON) of the chosen model.
+pub fn run(args: ParamsArgs) -> ExitCode {
+    let compiled = match compile(
+        &args.file,
+        Select::One(args.model.model.as_deref()),
+        &args.model.sets,
+    ) {
+        Ok(c) => c,
+        Err(diags) => return super::report(diags),
+    };
+    for m in &compiled.models {
+        match args.format {
+            Format::Table => println!("{}", report::table::render(m, args.depth)),
+            Format::Json => println!("{:#}", report::json::render(m)),
+        }
+    }
+    ExitCode::SUCCESS
+}
