@@ -27,14 +27,14 @@ impl Elaborator<'_> {
             ExprKind::Var(name) => self
                 .resolve_layer(name, e.span, false)
                 .unwrap_or(Value::Poison),
-            ExprKind::In => match flow {
+            ExprKind::In => match self.block_inputs.last().unwrap_or(flow) {
                 Some(Value::Tensor(t)) => Value::Shape(Rc::new(self.g.shape(*t).clone())),
                 Some(_) => Value::Poison,
                 None => {
                     self.error(
                         Diag::new("dlc::no_input", "`in` has no tensor to describe")
                             .label(e.span, "nothing flows here yet")
-                            .help("`in` is the shape of the tensor flowing into the current layer or block"),
+                            .help("`in` is the shape of the tensor entering the current block (in a model body: the current layer)"),
                     );
                     Value::Poison
                 }

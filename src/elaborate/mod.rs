@@ -86,7 +86,8 @@ pub fn is_concrete(prog: &Program, name: &str) -> bool {
         return false;
     };
     let Ok((def, args)) = resolve_variant(prog, source) else {
-        return false;
+        // A broken variant is checked so that its error is reported.
+        return true;
     };
     def.params
         .iter()
@@ -253,6 +254,8 @@ struct Elaborator<'p> {
     /// The `let` bindings being evaluated, innermost last.
     lets: Vec<&'p Ident>,
     outputs: Vec<(String, Span)>,
+    /// The tensor that entered each block being expanded: what `in` describes there.
+    block_inputs: Vec<Flow>,
     node_limit_hit: bool,
 }
 
@@ -272,6 +275,7 @@ impl<'p> Elaborator<'p> {
             pending: Vec::new(),
             lets: Vec::new(),
             outputs: Vec::new(),
+            block_inputs: Vec::new(),
             node_limit_hit: false,
         }
     }
@@ -918,9 +922,9 @@ impl<'p> Elaborator<'p> {
         let mut rest = Vec::new();
         let mut poisoned = false;
         for (kw, v, s) in values {
+            poisoned |= matches!(v, Value::Poison);
             match (&v, kw, def.arity) {
                 (Value::Tensor(t), None, ops::Arity::Many) if rest.is_empty() => extra.push(*t),
-                (Value::Poison, _, _) => poisoned = true,
                 _ => rest.push((kw, v, s)),
             }
         }
@@ -1064,6 +1068,8 @@ impl<'p> Elaborator<'p> {
                     }
                 },
                 None => match spec.default {
+                    // After a misspelt keyword the missing argument is usually that one.
+                    ops::ArgDefault::Required if !ok => continue,
                     ops::ArgDefault::Required => {
                         ok = false;
                         self.error(
@@ -1321,6 +1327,7 @@ impl<'p> Elaborator<'p> {
             vars: HashMap::new(),
             barrier: true,
         });
+        self.block_inputs.push(flow.clone());
         for p in &def.params {
             let value = match frame.remove(&p.name.name) {
                 Some((v, _)) => v,
@@ -1352,6 +1359,7 @@ impl<'p> Elaborator<'p> {
         } else {
             Some(Value::Poison)
         };
+        self.block_inputs.pop();
         self.frames.pop();
         result
     }

@@ -104,46 +104,58 @@ fn shift_expr(mut e: Expr, offset: usize) -> Expr {
 
 /// Refuses bracket nesting deeper than [`MAX_NESTING`] before the recursive parser sees it.
 fn check_nesting(text: &str, file: FileId) -> Result<(), Diag> {
+    match open_brackets(text, text.len()) {
+        Err(at) => Err(Diag::new(
+            "dlc::too_deep",
+            format!("brackets nested more than {MAX_NESTING} levels deep"),
+        )
+        .label(Span::new(file, at, at + 1), "this bracket is too deep")
+        .help("split the expression with `let` bindings or blocks")),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Positions of the brackets still open at byte `stop`, skipping strings and comments;
+/// `Err(position)` of the first bracket deeper than [`MAX_NESTING`].
+fn open_brackets(text: &str, stop: usize) -> Result<Vec<usize>, usize> {
     let bytes = text.as_bytes();
-    let mut depth = 0usize;
+    let stop = stop.min(bytes.len());
+    let mut open = Vec::new();
     let mut i = 0;
-    while i < bytes.len() {
+    while i < stop {
         match bytes[i] {
             b'"' => {
                 i += 1;
-                while i < bytes.len() && bytes[i] != b'"' && bytes[i] != b'\n' {
+                while i < stop && bytes[i] != b'"' && bytes[i] != b'\n' {
                     i += if bytes[i] == b'\\' { 2 } else { 1 };
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
+                while i < stop && bytes[i] != b'\n' {
                     i += 1;
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
                 i += 2;
-                while i + 1 < bytes.len() && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
+                while i + 1 < stop && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
                     i += 1;
                 }
                 i += 1;
             }
             b'(' | b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Err(Diag::new(
-                        "dlc::too_deep",
-                        format!("brackets nested more than {MAX_NESTING} levels deep"),
-                    )
-                    .label(Span::new(file, i, i + 1), "this bracket is too deep")
-                    .help("split the expression with `let` bindings or blocks"));
+                open.push(i);
+                if open.len() > MAX_NESTING {
+                    return Err(i);
                 }
             }
-            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b')' | b']' | b'}' => {
+                open.pop();
+            }
             _ => {}
         }
         i += 1;
     }
-    Ok(())
+    Ok(open)
 }
 
 fn internal(span: Span, what: &str) -> Diag {
@@ -204,14 +216,32 @@ fn syntax_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diag {
     };
     let found = found_at(text, pos);
     let end = pos + found.len().max(if pos < text.len() { 1 } else { 0 });
+    let open = open_brackets(text, pos).unwrap_or_default();
+    let innermost = open.last().copied();
     let (message, label) = match &e.variant {
         ErrorVariant::ParsingError {
             positives,
             negatives,
         } => {
             let mut words: Vec<&str> = positives.iter().filter_map(|r| rule_words(*r)).collect();
+            // Punctuation is not a rule, so pest cannot name it: infer it from the open bracket.
+            if let Some(&b) = innermost.and_then(|at| text.as_bytes().get(at)) {
+                words.extend(match b {
+                    b'[' => ["`,`", "`]`"],
+                    b'(' => ["`,`", "`)`"],
+                    _ => ["a new line", "`}`"],
+                });
+            }
             words.sort();
             words.dedup();
+            if words.contains(&"a name") && is_keyword(&found) {
+                return Diag::new(
+                    "dlc::syntax",
+                    format!("`{found}` is a keyword and cannot be used as a name"),
+                )
+                .label(Span::new(file, pos, end.min(text.len())), "keyword")
+                .help("choose another name");
+            }
             if words.is_empty() && !negatives.is_empty() {
                 let what = if negatives.contains(&Rule::keyword) {
                     "a keyword cannot be used as a name"
@@ -236,9 +266,18 @@ fn syntax_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diag {
     } else {
         "see docs/language.md for the syntax of models, blocks and layers"
     };
-    Diag::new("dlc::syntax", message)
-        .label(Span::new(file, pos, end.min(text.len())), label)
-        .help(help)
+    let mut d =
+        Diag::new("dlc::syntax", message).label(Span::new(file, pos, end.min(text.len())), label);
+    if found.is_empty() {
+        if let Some(at) = innermost {
+            d = d.label(Span::new(file, at, at + 1), "this bracket is never closed");
+        }
+    }
+    d.help(help)
+}
+
+fn is_keyword(word: &str) -> bool {
+    DlcParser::parse(Rule::keyword, word).is_ok_and(|p| p.as_str() == word)
 }
 
 fn join_words(words: &[&str]) -> String {
