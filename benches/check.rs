@@ -11,8 +11,11 @@
 use std::fs;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use dlc::session::{Compiled, Select, compile};
 
 /// Chain lengths, in layers.
@@ -65,7 +68,9 @@ fn bench_resnet152(c: &mut Criterion) {
     let compiled = compile_ok(path, select);
     assert_eq!(compiled.models.len(), 1);
     assert_eq!(compiled.models[0].name, "resnet152");
-    assert!(compiled.models[0].graph.dag.node_count() > 150);
+    let nodes = compiled.models[0].graph.dag.node_count();
+    assert!(nodes > 150, "resnet152 has only {nodes} nodes");
+    eprintln!("check/resnet152: {nodes} nodes");
 
     let mut g = c.benchmark_group("check");
     g.sample_size(20);
@@ -77,7 +82,11 @@ fn bench_resnet152(c: &mut Criterion) {
 
 fn bench_chains(c: &mut Criterion) {
     let mut g = c.benchmark_group("check/chain");
-    g.sample_size(10);
+    // Ten samples of equal iteration counts: the large chains take ~0.1 s and ~1 s an
+    // iteration, too slow for criterion's default linear sampling in a short run.
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1));
     for layers in CHAINS {
         let path = write_chain(layers);
         let compiled = compile_ok(&path, Select::One(None));
@@ -85,8 +94,11 @@ fn bench_chains(c: &mut Criterion) {
         let nodes = compiled.models[0].graph.dag.node_count();
         // The layers, the input and the output.
         assert_eq!(nodes, layers + 2, "node count of the {layers}-layer chain");
+        eprintln!("check/chain/{layers}: {nodes} nodes");
         drop(compiled);
 
+        // Ten samples of at least one iteration each must fit.
+        g.measurement_time(Duration::from_secs(if layers >= 100_000 { 15 } else { 5 }));
         // Elements = nodes, so criterion also reports nodes per second.
         g.throughput(Throughput::Elements(nodes as u64));
         g.bench_with_input(BenchmarkId::from_parameter(layers), &path, |b, path| {

@@ -13,21 +13,26 @@ use miette::{
 /// Index of a file in [`Sources`].
 pub type FileId = u32;
 
-/// A byte range in one source file.
+/// A byte range in one source file (offsets fit in 32 bits: files are limited to 1 GiB).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Span {
     /// The file the range is in.
     pub file: FileId,
     /// First byte.
-    pub start: usize,
+    pub start: u32,
     /// One past the last byte.
-    pub end: usize,
+    pub end: u32,
 }
 
 impl Span {
     /// A span in `file` from `start` to `end`.
     pub fn new(file: FileId, start: usize, end: usize) -> Self {
-        Span { file, start, end }
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Span {
+            file,
+            start: clamp(start),
+            end: clamp(end),
+        }
     }
 
     /// The smallest span covering both (same file assumed).
@@ -37,6 +42,20 @@ impl Span {
             start: self.start.min(other.start),
             end: self.end.max(other.end),
         }
+    }
+
+    /// The byte range.
+    pub fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+
+    /// The same span moved `offset` bytes later.
+    pub fn shifted(self, offset: usize) -> Span {
+        Span::new(
+            self.file,
+            self.start as usize + offset,
+            self.end as usize + offset,
+        )
     }
 }
 
@@ -82,7 +101,7 @@ impl Sources {
     /// The text a span covers.
     pub fn slice(&self, span: Span) -> &str {
         let text = &self.file(span.file).text;
-        text.get(span.start..span.end).unwrap_or("")
+        text.get(span.range()).unwrap_or("")
     }
 
     /// Attaches the source of the diagnostic's primary span so that it renders with context.
@@ -97,7 +116,7 @@ impl Sources {
                 diag.labels = here;
                 for (s, text) in elsewhere {
                     let other = self.file(s.file);
-                    let line = other.text[..s.start.min(other.text.len())]
+                    let line = other.text[..(s.start as usize).min(other.text.len())]
                         .lines()
                         .count()
                         .max(1);
@@ -198,12 +217,12 @@ impl Diagnostic for Diag {
         }
         Some(Box::new(self.labels.iter().enumerate().map(
             |(i, (span, text))| {
-                let len = span.end.saturating_sub(span.start);
+                let len = span.range().len();
                 let label = (!text.is_empty()).then(|| text.clone());
                 if i == 0 {
-                    LabeledSpan::new_primary_with_span(label, (span.start, len))
+                    LabeledSpan::new_primary_with_span(label, (span.start as usize, len))
                 } else {
-                    LabeledSpan::new_with_span(label, (span.start, len))
+                    LabeledSpan::new_with_span(label, (span.start as usize, len))
                 }
             },
         )))

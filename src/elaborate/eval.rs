@@ -5,7 +5,7 @@ use std::rc::Rc;
 use super::value::{Builtin, Callable, Value};
 use super::{Elaborator, Flow};
 use crate::diagnostics::{Diag, Span};
-use crate::syntax::ast::{BinOp, Expr, ExprKind, Stmt, TermKind, UnOp};
+use crate::syntax::ast::{BinOp, Expr, ExprKind, IfExpr, Stmt, TermKind, UnOp};
 
 /// Longest list a range may produce.
 const MAX_RANGE: i64 = 1_000_000;
@@ -114,11 +114,12 @@ impl Elaborator<'_> {
                 }
             }
             ExprKind::Binary(op, a, b) => self.binary(*op, a, b, e.span, flow),
-            ExprKind::If {
-                cond,
-                then,
-                otherwise,
-            } => {
+            ExprKind::If(i) => {
+                let IfExpr {
+                    cond,
+                    then,
+                    otherwise,
+                } = &**i;
                 let chosen = match self.condition(cond, flow) {
                     Some(true) => then,
                     Some(false) => match otherwise {

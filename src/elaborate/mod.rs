@@ -671,7 +671,7 @@ impl<'p> Elaborator<'p> {
             Label::Template(text, span) => {
                 let mut out = String::new();
                 let mut rest = text.as_str();
-                let mut offset = span.start;
+                let mut offset = span.start as usize;
                 while let Some(open) = rest.find('{') {
                     out.push_str(&rest[..open]);
                     let Some(close) = rest[open..].find('}') else {
@@ -843,13 +843,9 @@ impl<'p> Elaborator<'p> {
                     }
                 }
             }
-            ExprKind::If {
-                cond,
-                then,
-                otherwise,
-            } => match self.condition(cond, &flow) {
-                Some(true) => self.branch_body(then, flow),
-                Some(false) => match otherwise {
+            ExprKind::If(i) => match self.condition(&i.cond, &flow) {
+                Some(true) => self.branch_body(&i.then, flow),
+                Some(false) => match &i.otherwise {
                     Some(b) => self.branch_body(b, flow),
                     None => Step::Flow(flow),
                 },
@@ -1444,7 +1440,7 @@ impl<'p> Elaborator<'p> {
                 cond,
                 body,
                 shortcut,
-            } => self.residual(cond.as_ref(), body, shortcut.as_ref(), span, flow),
+            } => self.residual(cond.as_deref(), body, shortcut.as_deref(), span, flow),
             TermKind::Concat {
                 args,
                 branches,
@@ -1525,7 +1521,10 @@ impl<'p> Elaborator<'p> {
             }
             None => (
                 Some(input),
-                Span::new(span.file, span.start, span.start + "residual".len()),
+                Span {
+                    end: span.start + "residual".len() as u32,
+                    ..span
+                },
                 "identity shortcut",
             ),
         };
@@ -1795,11 +1794,11 @@ fn mentions(chain: &Chain, name: &str) -> bool {
             ExprKind::Field(x, _) | ExprKind::Unary(_, x) => expr(x, n),
             ExprKind::Index(a, b) | ExprKind::Binary(_, a, b) => expr(a, n) || expr(b, n),
             ExprKind::Call(f, args) => expr(f, n) || args.iter().any(|a| expr(&a.value, n)),
-            ExprKind::If {
-                cond,
-                then,
-                otherwise,
-            } => expr(cond, n) || body(then, n) || otherwise.as_ref().is_some_and(|b| body(b, n)),
+            ExprKind::If(i) => {
+                expr(&i.cond, n)
+                    || body(&i.then, n)
+                    || i.otherwise.as_ref().is_some_and(|b| body(b, n))
+            }
             _ => false,
         }
     }

@@ -127,22 +127,22 @@ pub enum Label {
 pub enum TermKind {
     /// `repeat n { ... }`, `dense repeat n { ... }`.
     Repeat {
-        count: Expr,
+        count: Box<Expr>,
         body: Body,
         dense: bool,
     },
     /// `for pat in expr { ... }`, `dense for ...`.
     For {
         pattern: Pattern,
-        iter: Expr,
+        iter: Box<Expr>,
         body: Body,
         dense: bool,
     },
     /// `residual [if cond] { main } [shortcut [if cond] { proj }]`.
     Residual {
-        cond: Option<Expr>,
+        cond: Option<Box<Expr>>,
         body: Body,
-        shortcut: Option<Shortcut>,
+        shortcut: Option<Box<Shortcut>>,
     },
     /// `concat(axis: a) { branch { ... } ... }`.
     Concat {
@@ -226,11 +226,18 @@ pub enum ExprKind {
     /// `a op b`.
     Binary(BinOp, Box<Expr>, Box<Expr>),
     /// `if cond { ... } else { ... }`; an `else if` is an else body holding one `if`.
-    If {
-        cond: Box<Expr>,
-        then: Body,
-        otherwise: Option<Body>,
-    },
+    If(Box<IfExpr>),
+}
+
+/// `if cond { ... } else { ... }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IfExpr {
+    /// The condition.
+    pub cond: Expr,
+    /// Taken when true.
+    pub then: Body,
+    /// Taken when false; an `else if` is a body holding one `if`.
+    pub otherwise: Option<Body>,
 }
 
 /// Unary operators.

@@ -63,22 +63,19 @@ pub fn parse_expr(text: &str, file: FileId, offset: usize) -> Result<Expr, Diag>
 
 fn shift(mut d: Diag, offset: usize) -> Diag {
     for (s, _) in &mut d.labels {
-        s.start += offset;
-        s.end += offset;
+        *s = s.shifted(offset);
     }
     d
 }
 
 fn shift_expr(mut e: Expr, offset: usize) -> Expr {
     fn go(e: &mut Expr, o: usize) {
-        e.span.start += o;
-        e.span.end += o;
+        e.span = e.span.shifted(o);
         match &mut e.kind {
             ExprKind::List(xs) | ExprKind::Tuple(xs) => xs.iter_mut().for_each(|x| go(x, o)),
             ExprKind::Field(x, id) => {
                 go(x, o);
-                id.span.start += o;
-                id.span.end += o;
+                id.span = id.span.shifted(o);
             }
             ExprKind::Index(a, b) | ExprKind::Binary(_, a, b) => {
                 go(a, o);
@@ -87,14 +84,13 @@ fn shift_expr(mut e: Expr, offset: usize) -> Expr {
             ExprKind::Call(f, args) => {
                 go(f, o);
                 for a in args {
-                    a.span.start += o;
-                    a.span.end += o;
+                    a.span = a.span.shifted(o);
                     go(&mut a.value, o);
                 }
             }
             ExprKind::Unary(_, x) => go(x, o),
             // Bodies cannot occur inside a one-line hole in practice; keep their spans.
-            ExprKind::If { cond, .. } => go(cond, o),
+            ExprKind::If(i) => go(&mut i.cond, o),
             _ => {}
         }
     }
@@ -510,7 +506,11 @@ impl Builder {
                             .to_string();
                         Label::Template(
                             text,
-                            Span::new(self.file, s.start + 1, s.end.saturating_sub(1)),
+                            Span {
+                                file: self.file,
+                                start: s.start + 1,
+                                end: s.end.saturating_sub(1),
+                            },
                         )
                     }
                 })
@@ -539,7 +539,7 @@ impl Builder {
                 let mut c = self.children(p);
                 c.take()?; // `residual`
                 let cond = match c.take_if(Rule::kw_if) {
-                    Some(_) => Some(self.expr(c.take()?)?),
+                    Some(_) => Some(Box::new(self.expr(c.take()?)?)),
                     None => None,
                 };
                 let body = self.body(c.take()?)?;
@@ -553,11 +553,11 @@ impl Builder {
                             None => None,
                         };
                         let body = self.body(sc.take()?)?;
-                        Some(Shortcut {
+                        Some(Box::new(Shortcut {
                             cond,
                             body,
                             span: sspan,
-                        })
+                        }))
                     }
                     None => None,
                 };
@@ -597,7 +597,11 @@ impl Builder {
         c.take()?; // `repeat`
         let count = self.expr(c.take()?)?;
         let body = self.body(c.take()?)?;
-        Ok(TermKind::Repeat { count, body, dense })
+        Ok(TermKind::Repeat {
+            count: Box::new(count),
+            body,
+            dense,
+        })
     }
 
     fn for_loop(&self, p: Pair<Rule>, dense: bool) -> Result<TermKind, Diag> {
@@ -609,7 +613,7 @@ impl Builder {
         let body = self.body(c.take()?)?;
         Ok(TermKind::For {
             pattern,
-            iter,
+            iter: Box::new(iter),
             body,
             dense,
         })
@@ -829,11 +833,11 @@ impl Builder {
             None => None,
         };
         Ok(Expr {
-            kind: ExprKind::If {
-                cond: Box::new(cond),
+            kind: ExprKind::If(Box::new(IfExpr {
+                cond,
                 then,
                 otherwise,
-            },
+            })),
             span,
         })
     }
