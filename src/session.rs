@@ -24,6 +24,8 @@ pub struct Compiled {
     pub program: Program,
     /// The elaborated models, in file order.
     pub models: Vec<Model>,
+    /// Models skipped by [`Select::All`] because parameters lack values, with those parameters.
+    pub templates: Vec<(String, Vec<String>)>,
 }
 
 /// Compiles `path`. On failure, every diagnostic found, with its source attached.
@@ -48,7 +50,20 @@ pub fn compile(path: &Path, select: Select, sets: &[String]) -> Result<Compiled,
         }
     }
     if diags.is_empty() {
-        Ok(Compiled { program, models })
+        let templates = match select {
+            Select::All(None) => program
+                .root_models()
+                .into_iter()
+                .map(|m| (m.to_string(), elaborate::missing_params(&program, m)))
+                .filter(|(_, missing)| !missing.is_empty())
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Compiled {
+            program,
+            models,
+            templates,
+        })
     } else {
         Err(diags
             .into_iter()
@@ -64,7 +79,7 @@ fn pick(program: &Program, path: &Path, select: Select) -> Result<Vec<String>, D
             (_, [one]) => Ok(vec![one.to_string()]),
             (Select::All(_), _) => Ok(own
                 .iter()
-                .filter(|m| elaborate::is_concrete(program, m))
+                .filter(|m| elaborate::missing_params(program, m).is_empty())
                 .map(|m| m.to_string())
                 .collect()),
             (_, []) => Err(Diag::new(

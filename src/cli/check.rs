@@ -39,6 +39,12 @@ pub fn run(args: CheckArgs) -> ExitCode {
                 for m in &c.models {
                     println!("{}", report::check_line(m));
                 }
+                for (name, missing) in &c.templates {
+                    println!(
+                        "{name}: template, used through variants (needs {})",
+                        missing.join(", ")
+                    );
+                }
             }
             Err(ds) => diags.extend(ds),
         }

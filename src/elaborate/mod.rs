@@ -80,18 +80,21 @@ pub fn elaborate(prog: &Program, name: &str, overrides: &[Override]) -> Result<M
     }
 }
 
-/// Whether every parameter of the model has a value (its own default or a variant's).
-pub fn is_concrete(prog: &Program, name: &str) -> bool {
+/// The parameters of a model that have no value (no default, not set by a variant): a model
+/// with any is a template that only its variants or `--set` can instantiate.
+pub fn missing_params(prog: &Program, name: &str) -> Vec<String> {
     let Some(source) = prog.model(name) else {
-        return false;
+        return Vec::new();
     };
+    // A broken variant counts as complete so that checking it reports the error.
     let Ok((def, args)) = resolve_variant(prog, source) else {
-        // A broken variant is checked so that its error is reported.
-        return true;
+        return Vec::new();
     };
     def.params
         .iter()
-        .all(|p| p.default.is_some() || args.iter().any(|a| a.0 == p.name.name))
+        .filter(|p| p.default.is_none() && !args.iter().any(|a| a.0 == p.name.name))
+        .map(|p| p.name.name.clone())
+        .collect()
 }
 
 /// Follows `model a = b(...)` to the defining model, collecting arguments (outermost last
