@@ -283,7 +283,13 @@ impl<'p> Elaborator<'p> {
         }
     }
 
-    fn error(&mut self, d: Diag) {
+    /// Records a diagnostic; inside a block, the call being expanded is labelled too.
+    fn error(&mut self, mut d: Diag) {
+        if let Some((name, span)) = self.calls.last() {
+            if !d.labels.iter().any(|(s, _)| s == span) {
+                d = d.label(*span, format!("in this use of `{name}`"));
+            }
+        }
         self.diags.push(d);
     }
 

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use petgraph::visit::EdgeRef;
 
-use super::si;
+use super::macs_text;
 use crate::diagnostics::thousands;
 use crate::elaborate::Model;
 use crate::ir::{Graph, ScopeId, ScopeItem, ScopeKind};
@@ -56,7 +56,7 @@ fn scope(g: &Graph, id: ScopeId, depth: usize, out: &mut String) {
                             let _ = write!(l, "\\n{} params", thousands(node.cost.params));
                         }
                         if let Some(m) = node.cost.macs.filter(|m| *m > 0) {
-                            let _ = write!(l, ", {}MACs", si(m));
+                            let _ = write!(l, ", {}", macs_text(m));
                         }
                         (l, "#f4f4f4")
                     }

@@ -27,6 +27,11 @@ pub fn si(n: u64) -> String {
     }
 }
 
+/// MACs as `4.089 GMACs`, `840 MACs`.
+pub fn macs_text(m: u64) -> String {
+    if m < 1000 { format!("{m} MACs") } else { format!("{}MACs", si(m)) }
+}
+
 /// Bytes as `97.49 MB` (decimal units, as torchinfo).
 pub fn bytes(n: u64) -> String {
     let x = n as f64;
@@ -62,7 +67,7 @@ pub fn check_line(model: &Model) -> String {
     let g = &model.graph;
     let cost = g.total_cost();
     let macs = match cost.macs {
-        Some(m) => format!("{}MACs", si(m)),
+        Some(m) => macs_text(m),
         None => "MACs depend on symbolic sizes".to_string(),
     };
     format!(
