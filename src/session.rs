@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::diagnostics::{Diag, did_you_mean};
+use crate::diagnostics::{Diag, Span, did_you_mean};
 use crate::elaborate::{self, Model, Override};
 use crate::program::Program;
 use crate::syntax;
@@ -40,10 +40,39 @@ pub fn compile(path: &Path, select: Select, sets: &[String]) -> Result<Compiled,
         Ok(names) => names,
         Err(d) => return Err(vec![d]),
     };
+    // Checking several models, an override applies to those that declare the parameter.
+    let several = names.len() > 1;
+    if several {
+        for o in &overrides {
+            if !names
+                .iter()
+                .any(|n| elaborate::param_names(&program, n).contains(&o.name))
+            {
+                diags.push(
+                    Diag::new(
+                        "dlc::unknown_arg",
+                        format!(
+                            "no model in `{}` has a parameter `{}`",
+                            path.display(),
+                            o.name
+                        ),
+                    )
+                    .label(o.span, "unknown parameter")
+                    .help(format!("models: {}", names.join(", "))),
+                );
+            }
+        }
+    }
     let mut models = Vec::new();
     if diags.is_empty() {
         for name in names {
-            match elaborate::elaborate(&program, &name, &overrides) {
+            let declared = elaborate::param_names(&program, &name);
+            let mine: Vec<Override> = overrides
+                .iter()
+                .filter(|o| !several || declared.contains(&o.name))
+                .cloned()
+                .collect();
+            match elaborate::elaborate(&program, &name, &mine) {
                 Ok(m) => models.push(m),
                 Err(ds) => diags.extend(ds),
             }
@@ -120,22 +149,24 @@ fn pick(program: &Program, path: &Path, select: Select) -> Result<Vec<String>, D
 fn parse_overrides(program: &mut Program, sets: &[String], diags: &mut Vec<Diag>) -> Vec<Override> {
     let mut out = Vec::new();
     for set in sets {
+        let file = program.sources.add("--set", set.clone());
         let Some((name, value)) = set.split_once('=') else {
             diags.push(
                 Diag::new(
                     "dlc::bad_set",
                     format!("`--set {set}` is not of the form name=value"),
                 )
+                .label(Span::new(file, 0, set.len()), "no `=`")
                 .help("for example `--set classes=5`"),
             );
             continue;
         };
-        let file = program
-            .sources
-            .add(format!("--set {}", name.trim()), value.to_string());
-        match syntax::parse_expr(value, file, 0) {
+        let start = name.len() - name.trim_start().len();
+        let span = Span::new(file, start, start + name.trim().len());
+        match syntax::parse_expr(value, file, name.len() + 1) {
             Ok(e) => out.push(Override {
                 name: name.trim().to_string(),
+                span,
                 value: e,
             }),
             Err(d) => diags.push(d),

@@ -30,20 +30,20 @@ pub fn run(args: CheckArgs) -> ExitCode {
         ) {
             Ok(c) => {
                 if c.models.is_empty() {
-                    println!(
+                    super::emit(&format!(
                         "{}: no models ({} blocks)",
                         file.display(),
                         c.program.blocks.len()
-                    );
+                    ));
                 }
                 for m in &c.models {
-                    println!("{}", report::check_line(m));
+                    super::emit(&report::check_line(m));
                 }
                 for (name, missing) in &c.templates {
-                    println!(
+                    super::emit(&format!(
                         "{name}: template, used through variants (needs {})",
                         missing.join(", ")
-                    );
+                    ));
                 }
             }
             Err(ds) => diags.extend(ds),

@@ -28,7 +28,7 @@ pub fn run(args: GraphArgs) -> ExitCode {
     ) {
         Ok(c) => {
             for m in &c.models {
-                print!("{}", report::dot::render(m));
+                super::emit(report::dot::render(m).trim_end());
             }
             ExitCode::SUCCESS
         }

@@ -53,6 +53,15 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Writes to stdout; a closed pipe (`dlc params ... | head`) ends the program quietly.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
 /// Prints diagnostics to stderr and returns the failure exit code.
 fn report(diags: Vec<Diag>) -> ExitCode {
     let n = diags.len();

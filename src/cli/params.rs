@@ -47,8 +47,8 @@ pub fn run(args: ParamsArgs) -> ExitCode {
     };
     for m in &compiled.models {
         match args.format {
-            Format::Table => println!("{}", report::table::render(m, args.depth)),
-            Format::Json => println!("{:#}", report::json::render(m)),
+            Format::Table => super::emit(&report::table::render(m, args.depth)),
+            Format::Json => super::emit(&format!("{:#}", report::json::render(m))),
         }
     }
     ExitCode::SUCCESS

@@ -40,6 +40,8 @@ pub struct Model {
 pub struct Override {
     /// The parameter.
     pub name: String,
+    /// Where the name was written (in the `--set` pseudo-file).
+    pub span: Span,
     /// The value expression.
     pub value: Expr,
 }
@@ -78,6 +80,14 @@ pub fn elaborate(prog: &Program, name: &str, overrides: &[Override]) -> Result<M
     } else {
         Err(e.diags)
     }
+}
+
+/// The names of a model's parameters (a variant's are its base's); empty if it cannot be resolved.
+pub fn param_names(prog: &Program, name: &str) -> Vec<String> {
+    prog.model(name)
+        .and_then(|source| resolve_variant(prog, source).ok())
+        .map(|(def, _)| def.params.iter().map(|p| p.name.name.clone()).collect())
+        .unwrap_or_default()
 }
 
 /// The parameters of a model that have no value (no default, not set by a variant): a model
@@ -308,7 +318,7 @@ impl<'p> Elaborator<'p> {
                     "dlc::unknown_arg",
                     format!("model `{}` has no parameter `{}`", def.name.name, o.name),
                 )
-                .label(def.name.span, "this model");
+                .label(o.span, "unknown parameter");
                 let list = def
                     .params
                     .iter()
@@ -349,6 +359,59 @@ impl<'p> Elaborator<'p> {
 
     fn model_body(&mut self, def: &'p Def) {
         let flow = self.body(&def.body, None);
+        self.finish_outputs(def, flow);
+        if self.diags.is_empty() {
+            self.check_all_used();
+        }
+    }
+
+    /// Reports inputs and layers whose results reach no output.
+    fn check_all_used(&mut self) {
+        use petgraph::visit::{Reversed, Walker};
+        let mut live = vec![false; self.g.dag.node_count()];
+        for &out in &self.g.outputs {
+            for n in
+                petgraph::visit::Bfs::new(Reversed(&self.g.dag), out).iter(Reversed(&self.g.dag))
+            {
+                live[n.index()] = true;
+            }
+        }
+        let dead: Vec<_> = self
+            .g
+            .dag
+            .node_indices()
+            .filter(|n| !live[n.index()])
+            .collect();
+        let (inputs, layers): (Vec<_>, Vec<_>) = dead
+            .into_iter()
+            .partition(|n| matches!(self.g.dag[*n].op, Op::Input(_)));
+        for n in inputs {
+            let node = &self.g.dag[n];
+            let d = Diag::new(
+                "dlc::unused",
+                format!("input `{}` is never used", node.name),
+            )
+            .label(node.span, "no output depends on it")
+            .help("use it in a chain (`x linear(10)`), or remove it");
+            self.error(d);
+        }
+        if let Some(&first) = layers.first() {
+            let node = &self.g.dag[first];
+            let more = match layers.len() - 1 {
+                0 => String::new(),
+                n => format!(" (nor do {n} layers after it)"),
+            };
+            let d = Diag::new(
+                "dlc::unused",
+                format!("the result of `{}` reaches no output{more}", node.name),
+            )
+            .label(node.span, "computed but never used")
+            .help("remove these layers, or declare their result with `output name = ...`");
+            self.error(d);
+        }
+    }
+
+    fn finish_outputs(&mut self, def: &'p Def, flow: Flow) {
         if self.outputs.is_empty() {
             match flow {
                 Some(Value::Tensor(t)) => self.add_output("output", t, def.span),
@@ -639,6 +702,18 @@ impl<'p> Elaborator<'p> {
     fn term(&mut self, term: &'p Term, flow: Flow) -> Step {
         let label = self.label(term);
         match &term.kind {
+            // A labelled `if` names the layers it chooses, like a labelled group.
+            TermKind::Expr(
+                e @ Expr {
+                    kind: ExprKind::If(_),
+                    ..
+                },
+            ) if label.is_some() => {
+                let name = self.unique_name(label, term.span);
+                self.in_scope(&name, ScopeKind::Group, term.span, |this| {
+                    this.layer_expr(e, None, term.span, flow)
+                })
+            }
             TermKind::Expr(e) => self.layer_expr(e, label, term.span, flow),
             TermKind::Group(body) => {
                 let name = self.unique_name(label, term.span);
@@ -790,6 +865,20 @@ impl<'p> Elaborator<'p> {
         }
     }
 
+    /// A label on something that makes no layer (a tensor name) would silently name nothing.
+    fn unused_label(&mut self, label: Option<(String, Span)>, what: &str) {
+        if let Some((l, span)) = label {
+            self.error(
+                Diag::new(
+                    "dlc::bad_label",
+                    format!("the label `{l}` names no layer: `{what}` is a tensor"),
+                )
+                .label(span, "this label is not used")
+                .help("labels name ops, blocks, groups and constructs; to name a tensor use `let`"),
+            );
+        }
+    }
+
     fn layer_expr(
         &mut self,
         e: &'p Expr,
@@ -799,7 +888,10 @@ impl<'p> Elaborator<'p> {
     ) -> Step {
         match &e.kind {
             ExprKind::Var(name) => match self.resolve_layer(name, e.span, true) {
-                Some(Value::Tensor(t)) => Step::Flow(Some(Value::Tensor(t))),
+                Some(Value::Tensor(t)) => {
+                    self.unused_label(label, name);
+                    Step::Flow(Some(Value::Tensor(t)))
+                }
                 Some(Value::Callable(c)) if !matches!(c, Callable::Builtin(_)) => {
                     Step::Flow(self.apply(&c, &[], span, e.span, label, flow))
                 }
@@ -1338,6 +1430,8 @@ impl<'p> Elaborator<'p> {
                 Some((v, _)) => v,
                 None => match &p.default {
                     Some(e) => self.eval(e, &flow),
+                    // After a misspelt keyword the missing argument is usually that one.
+                    None if !ok => Value::Poison,
                     None => {
                         ok = false;
                         self.error(

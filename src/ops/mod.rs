@@ -138,7 +138,7 @@ impl Op {
             Op::Softmax(_) => "softmax",
             Op::Dropout(_) => "dropout",
             Op::Pool(p) => p.name(),
-            Op::AdaptiveAvgPool(_) => "adaptive_avgpool",
+            Op::AdaptiveAvgPool(p) => p.name(),
             Op::Flatten(_) => "flatten",
             Op::Reshape(_) => "reshape",
             Op::Add => "add",

@@ -48,6 +48,19 @@ impl Pool2d {
 pub struct AdaptiveAvgPool {
     /// Output height and width.
     pub size: (u64, u64),
+    /// Written as `global_avgpool` (size 1×1).
+    pub global: bool,
+}
+
+impl AdaptiveAvgPool {
+    /// The name written in specs.
+    pub fn name(&self) -> &'static str {
+        if self.global {
+            "global_avgpool"
+        } else {
+            "adaptive_avgpool"
+        }
+    }
 }
 
 fn build_pool(kind: PoolKind, a: &Args) -> Result<Op, (&'static str, String)> {
@@ -106,6 +119,7 @@ pub const DEFS: &[OpDef] = &[
         build: |a: &Args| {
             Ok(Op::AdaptiveAvgPool(AdaptiveAvgPool {
                 size: a.pair("size"),
+                global: false,
             }))
         },
     },
@@ -114,7 +128,12 @@ pub const DEFS: &[OpDef] = &[
         summary: "average over all spatial positions: [N, C, H, W] -> [N, C, 1, 1]",
         params: &[],
         arity: Arity::One,
-        build: |_: &Args| Ok(Op::AdaptiveAvgPool(AdaptiveAvgPool { size: (1, 1) })),
+        build: |_: &Args| {
+            Ok(Op::AdaptiveAvgPool(AdaptiveAvgPool {
+                size: (1, 1),
+                global: true,
+            }))
+        },
     },
 ];
 

@@ -29,7 +29,11 @@ pub fn si(n: u64) -> String {
 
 /// MACs as `4.089 GMACs`, `840 MACs`.
 pub fn macs_text(m: u64) -> String {
-    if m < 1000 { format!("{m} MACs") } else { format!("{}MACs", si(m)) }
+    if m < 1000 {
+        format!("{m} MACs")
+    } else {
+        format!("{}MACs", si(m))
+    }
 }
 
 /// Bytes as `97.49 MB` (decimal units, as torchinfo).
