@@ -106,26 +106,26 @@ impl Sources {
 
     /// Attaches the source of the diagnostic's primary span so that it renders with context.
     pub fn attach(&self, mut diag: Diag) -> Diag {
-        if let Some((span, _)) = diag.labels.first() {
-            if let Some(file) = self.files.get(span.file as usize) {
-                let file_id = span.file;
-                diag.source = Some(file.named.clone());
-                // Labels in other files cannot be drawn on this source: fold them into the help.
-                let (here, elsewhere): (Vec<_>, Vec<_>) =
-                    diag.labels.drain(..).partition(|(s, _)| s.file == file_id);
-                diag.labels = here;
-                for (s, text) in elsewhere {
-                    let other = self.file(s.file);
-                    let line = other.text[..(s.start as usize).min(other.text.len())]
-                        .lines()
-                        .count()
-                        .max(1);
-                    let note = format!("{text} ({}:{line})", other.path);
-                    diag.help = Some(match diag.help.take() {
-                        Some(h) => format!("{h}\n{note}"),
-                        None => note,
-                    });
-                }
+        if let Some((span, _)) = diag.labels.first()
+            && let Some(file) = self.files.get(span.file as usize)
+        {
+            let file_id = span.file;
+            diag.source = Some(file.named.clone());
+            // Labels in other files cannot be drawn on this source: fold them into the help.
+            let (here, elsewhere): (Vec<_>, Vec<_>) =
+                diag.labels.drain(..).partition(|(s, _)| s.file == file_id);
+            diag.labels = here;
+            for (s, text) in elsewhere {
+                let other = self.file(s.file);
+                let line = other.text[..(s.start as usize).min(other.text.len())]
+                    .lines()
+                    .count()
+                    .max(1);
+                let note = format!("{text} ({}:{line})", other.path);
+                diag.help = Some(match diag.help.take() {
+                    Some(h) => format!("{h}\n{note}"),
+                    None => note,
+                });
             }
         }
         diag
@@ -234,7 +234,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -235,3 +235,58 @@ fn help_teaches() {
         "{help}"
     );
 }
+
+/// Every `$ dlc ...` example in the README shows what the command prints today.
+#[test]
+fn readme_examples_are_current() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let mut checked = 0;
+    let mut in_block = false;
+    let mut examples: Vec<(String, Vec<String>)> = Vec::new();
+    let mut current: Option<usize> = None;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            current = None;
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix("$ ") {
+            examples.push((cmd.to_string(), Vec::new()));
+            current = Some(examples.len() - 1);
+        } else if let Some(i) = current {
+            examples[i].1.push(line.to_string());
+        }
+    }
+    for (cmd, expected) in examples {
+        let (cmd, head) = match cmd.split_once(" | head -") {
+            Some((c, n)) => (c.to_string(), n.trim().parse::<usize>().ok()),
+            None if cmd.contains('|') => continue,
+            None => (cmd, None),
+        };
+        let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+        let out = dlc(&args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut got: Vec<&str> = text.lines().collect();
+        if let Some(n) = head {
+            got.truncate(n);
+        }
+        while got.last().is_some_and(|l| l.trim().is_empty()) {
+            got.pop();
+        }
+        assert_eq!(
+            got.join("\n"),
+            expected.join("\n"),
+            "README example `{cmd}` is out of date"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} README examples found");
+}

@@ -2,7 +2,7 @@
 //! parentheses and a 10 MB spec each end in a diagnostic or a result, through the real CLI
 //! (which is what a user runs), never in a panic or a stack overflow.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn write(name: &str, bytes: &[u8]) -> PathBuf {
@@ -20,7 +20,7 @@ fn dlc(args: &[&str]) -> Output {
 }
 
 /// Runs `dlc check` and asserts a clean failure with the given diagnostic code.
-fn fails_cleanly(path: &PathBuf, code: &str) {
+fn fails_cleanly(path: &Path, code: &str) {
     let out = dlc(&["check", path.to_str().expect("utf-8 path")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(

@@ -107,12 +107,15 @@ pub fn missing_params(prog: &Program, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Arguments collected along a chain of variants: parameter name, value, where written.
+type VariantArgs<'p> = Vec<(String, &'p Expr, Span)>;
+
 /// Follows `model a = b(...)` to the defining model, collecting arguments (outermost last
 /// so that it wins).
 fn resolve_variant<'p>(
     prog: &'p Program,
     source: &'p ModelSource,
-) -> Result<(&'p Def, Vec<(String, &'p Expr, Span)>), Vec<Diag>> {
+) -> Result<(&'p Def, VariantArgs<'p>), Vec<Diag>> {
     let mut args: Vec<(String, &'p Expr, Span)> = Vec::new();
     let mut current = source;
     let mut seen: Vec<&str> = Vec::new();
@@ -295,10 +298,10 @@ impl<'p> Elaborator<'p> {
 
     /// Records a diagnostic; inside a block, the call being expanded is labelled too.
     fn error(&mut self, mut d: Diag) {
-        if let Some((name, span)) = self.calls.last() {
-            if !d.labels.iter().any(|(s, _)| s == span) {
-                d = d.label(*span, format!("in this use of `{name}`"));
-            }
+        if let Some((name, span)) = self.calls.last()
+            && !d.labels.iter().any(|(s, _)| s == span)
+        {
+            d = d.label(*span, format!("in this use of `{name}`"));
         }
         self.diags.push(d);
     }
@@ -517,20 +520,20 @@ impl<'p> Elaborator<'p> {
                 flow
             }
             Stmt::Let { name, chain, .. } => {
-                if let Some(frame) = self.frames.last() {
-                    if let Some((_, prev)) = frame.vars.get(&name.name) {
-                        let prev = *prev;
-                        self.error(
-                            Diag::new(
-                                "dlc::duplicate_name",
-                                format!("`{}` is already defined", name.name),
-                            )
-                            .label(name.span, "defined again here")
-                            .label(prev, "first defined here")
-                            .help("pick another name"),
-                        );
-                        return flow;
-                    }
+                if let Some(frame) = self.frames.last()
+                    && let Some((_, prev)) = frame.vars.get(&name.name)
+                {
+                    let prev = *prev;
+                    self.error(
+                        Diag::new(
+                            "dlc::duplicate_name",
+                            format!("`{}` is already defined", name.name),
+                        )
+                        .label(name.span, "defined again here")
+                        .label(prev, "first defined here")
+                        .help("pick another name"),
+                    );
+                    return flow;
                 }
                 self.lets.push(name);
                 let step = self.chain(chain, flow.clone());

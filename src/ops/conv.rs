@@ -49,7 +49,7 @@ pub const DEFS: &[OpDef] = &[OpDef {
             groups: a.size("groups"),
             bias: a.bool("bias"),
         };
-        if conv.out % conv.groups != 0 {
+        if !conv.out.is_multiple_of(conv.groups) {
             return Err((
                 "groups",
                 format!(

@@ -89,7 +89,7 @@ impl Reshape {
             .map(|d| *d as u64)
             .product();
         let fill = if self.dims.contains(&-1) {
-            if known == 0 || total % known != 0 {
+            if known == 0 || !total.is_multiple_of(known) {
                 None
             } else {
                 Some(total / known)

@@ -264,10 +264,10 @@ fn syntax_error(e: pest::error::Error<Rule>, text: &str, file: FileId) -> Diag {
     };
     let mut d =
         Diag::new("dlc::syntax", message).label(Span::new(file, pos, end.min(text.len())), label);
-    if found.is_empty() {
-        if let Some(at) = innermost {
-            d = d.label(Span::new(file, at, at + 1), "this bracket is never closed");
-        }
+    if found.is_empty()
+        && let Some(at) = innermost
+    {
+        d = d.label(Span::new(file, at, at + 1), "this bracket is never closed");
     }
     d.help(help)
 }
