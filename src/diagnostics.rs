@@ -90,6 +90,11 @@ impl Sources {
         &self.files[id as usize]
     }
 
+    /// Every loaded file, in load order.
+    pub fn files(&self) -> impl Iterator<Item = &SourceFile> {
+        self.files.iter()
+    }
+
     /// The id of an already loaded path.
     pub fn find(&self, path: &str) -> Option<FileId> {
         self.files
@@ -247,10 +252,14 @@ pub fn did_you_mean<'a>(
     name: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    let prefix =
+        |c: &str| name.len().min(c.len()) >= 3 && (name.starts_with(c) || c.starts_with(name));
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(name, c), c))
-        .filter(|(d, c)| *d <= 2.max(name.len().min(c.len()) / 3) && *d < name.len().max(1))
+        .filter(|(d, c)| {
+            (*d <= 2.max(name.len().min(c.len()) / 3) && *d < name.len().max(1)) || prefix(c)
+        })
         .min_by_key(|(d, c)| (*d, *c))
         .map(|(_, c)| c)
 }
@@ -278,5 +287,9 @@ mod tests {
             Some("maxpool")
         );
         assert_eq!(did_you_mean("transformer", ["conv", "relu"]), None);
+        assert_eq!(
+            did_you_mean("batchsize", ["batch", "epochs"]),
+            Some("batch")
+        );
     }
 }

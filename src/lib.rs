@@ -6,11 +6,14 @@
 //! wired into the [`ir`] graph) → [`report`] (tables, JSON, DOT). [`diagnostics`] is shared
 //! by every stage; the `dlc` binary is a thin CLI over this library.
 
+pub mod data;
 pub mod diagnostics;
 pub mod elaborate;
 pub mod ir;
+pub mod lower;
 pub mod ops;
 pub mod program;
 pub mod report;
 pub mod session;
 pub mod syntax;
+pub mod train;

@@ -33,6 +33,39 @@ pub struct Model {
     pub graph: Graph,
     /// Model parameters as `name = value` text, in declaration order.
     pub params: Vec<(String, String)>,
+    /// The `train { }` settings, evaluated, in source order.
+    pub train: Vec<TrainSetting>,
+}
+
+/// One `name: value` of a `train { }` section.
+#[derive(Debug, Clone)]
+pub struct TrainSetting {
+    /// The setting's name and where it was written.
+    pub name: Ident,
+    /// Its value.
+    pub value: Setting,
+    /// Where the value was written.
+    pub span: Span,
+}
+
+/// A training setting's value: plain data, a name (`fashion_mnist`, `xavier`) or a call
+/// (`sgd(lr: 0.1, momentum: 0.9)`). The trainer gives them meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Setting {
+    /// An integer.
+    Int(i64),
+    /// A number.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A string.
+    Str(String),
+    /// A bare name.
+    Name(String),
+    /// A list.
+    List(Vec<Setting>),
+    /// `name(args)`, arguments positional or by keyword.
+    Call(String, Vec<(Option<String>, Setting)>),
 }
 
 /// A `--set name=value` override, already parsed.
@@ -76,6 +109,7 @@ pub fn elaborate(prog: &Program, name: &str, overrides: &[Override]) -> Result<M
             name: name.to_string(),
             graph: e.g,
             params,
+            train: e.train,
         })
     } else {
         Err(e.diags)
@@ -272,6 +306,9 @@ struct Elaborator<'p> {
     outputs: Vec<(String, Span)>,
     /// The tensor that entered each block being expanded: what `in` describes there.
     block_inputs: Vec<Flow>,
+    /// The model's training settings, and where its `train` section is.
+    train: Vec<TrainSetting>,
+    train_span: Option<Span>,
     node_limit_hit: bool,
 }
 
@@ -292,6 +329,8 @@ impl<'p> Elaborator<'p> {
             lets: Vec::new(),
             outputs: Vec::new(),
             block_inputs: Vec::new(),
+            train: Vec::new(),
+            train_span: None,
             node_limit_hit: false,
         }
     }
@@ -553,6 +592,10 @@ impl<'p> Elaborator<'p> {
                     }
                 }
             }
+            Stmt::Train { settings, span } => {
+                self.train_section(settings, *span);
+                flow
+            }
             Stmt::Chain(chain) => match self.chain(chain, flow) {
                 Step::Flow(f) => f,
                 Step::Value(v, s) => {
@@ -570,6 +613,107 @@ impl<'p> Elaborator<'p> {
                 }
             },
         }
+    }
+
+    fn train_section(&mut self, settings: &'p [(Ident, Expr)], span: Span) {
+        let kw = Span {
+            end: span.start + "train".len() as u32,
+            ..span
+        };
+        if !self.calls.is_empty() {
+            self.error(
+                Diag::new("dlc::misplaced", "`train` inside a block")
+                    .label(kw, "training settings belong to the model")
+                    .help("move the `train { ... }` section into the model's body"),
+            );
+            return;
+        }
+        if let Some(prev) = self.train_span {
+            self.error(
+                Diag::new("dlc::duplicate_name", "the model has two `train` sections")
+                    .label(kw, "second section")
+                    .label(prev, "first section")
+                    .help("merge them into one"),
+            );
+            return;
+        }
+        self.train_span = Some(kw);
+        for (name, expr) in settings {
+            if let Some(prev) = self.train.iter().find(|t| t.name.name == name.name) {
+                let prev = prev.name.span;
+                self.error(
+                    Diag::new(
+                        "dlc::duplicate_arg",
+                        format!("setting `{}` is given twice", name.name),
+                    )
+                    .label(name.span, "given again here")
+                    .label(prev, "first given here")
+                    .help("give each setting once"),
+                );
+                continue;
+            }
+            if let Some(value) = self.setting(expr) {
+                self.train.push(TrainSetting {
+                    name: name.clone(),
+                    value,
+                    span: expr.span,
+                });
+            }
+        }
+    }
+
+    /// Evaluates a training setting: unbound names and calls of unbound names stay symbolic.
+    fn setting(&mut self, e: &Expr) -> Option<Setting> {
+        match &e.kind {
+            ExprKind::Var(n) if self.lookup(n).is_none() => Some(Setting::Name(n.clone())),
+            ExprKind::Call(callee, args) => {
+                let ExprKind::Var(n) = &callee.kind else {
+                    return self.plain_setting(e);
+                };
+                if self.lookup(n).is_some() {
+                    return self.plain_setting(e);
+                }
+                let mut out = Vec::new();
+                for a in args {
+                    out.push((
+                        a.name.as_ref().map(|k| k.name.clone()),
+                        self.setting(&a.value)?,
+                    ));
+                }
+                Some(Setting::Call(n.clone(), out))
+            }
+            ExprKind::List(xs) => xs
+                .iter()
+                .map(|x| self.setting(x))
+                .collect::<Option<Vec<_>>>()
+                .map(Setting::List),
+            _ => self.plain_setting(e),
+        }
+    }
+
+    fn plain_setting(&mut self, e: &Expr) -> Option<Setting> {
+        fn convert(v: &Value) -> Option<Setting> {
+            Some(match v {
+                Value::Int(n) => Setting::Int(*n),
+                Value::Float(x) => Setting::Float(*x),
+                Value::Bool(b) => Setting::Bool(*b),
+                Value::Str(s) => Setting::Str(s.to_string()),
+                Value::List(xs) | Value::Tuple(xs) => {
+                    Setting::List(xs.iter().map(convert).collect::<Option<_>>()?)
+                }
+                _ => return None,
+            })
+        }
+        let v = self.eval(e, &None);
+        let converted = convert(&v);
+        if converted.is_none() && !matches!(v, Value::Poison) {
+            self.error(
+                Diag::new("dlc::wrong_type", format!("a training setting cannot be {}", v.type_name()))
+                    .label(e.span, format!("this is {}", v.type_name()))
+                    .help("settings are numbers, booleans, strings, names or calls such as `sgd(lr: 0.1)`"),
+            );
+        }
+        converted
     }
 
     fn input(

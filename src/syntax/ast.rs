@@ -91,6 +91,11 @@ pub enum Stmt {
     },
     /// Terms applied to the flowing tensor.
     Chain(Chain),
+    /// `train { name: value ... }`: training settings of the model.
+    Train {
+        settings: Vec<(Ident, Expr)>,
+        span: Span,
+    },
 }
 
 /// Terms applied one after the other.

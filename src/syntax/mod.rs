@@ -174,6 +174,8 @@ fn rule_words(rule: Rule) -> Option<&'static str> {
         body | group => "`{`",
         input_stmt | kw_input => "`input`",
         output_stmt | kw_output => "`output`",
+        train_stmt | kw_train => "`train`",
+        setting => "a setting `name: value`",
         let_stmt | kw_let => "`let`",
         chain | term => "a layer",
         label => "a layer name",
@@ -474,6 +476,15 @@ impl Builder {
                 let name = self.ident(c.take()?);
                 let chain = self.chain(c.take()?)?;
                 Ok(Stmt::Let { name, chain, span })
+            }
+            Rule::train_stmt => {
+                let mut settings = Vec::new();
+                for setting in p.into_inner().filter(|q| q.as_rule() == Rule::setting) {
+                    let mut c = self.children(setting);
+                    let name = self.ident(c.take()?);
+                    settings.push((name, self.expr(c.take()?)?));
+                }
+                Ok(Stmt::Train { settings, span })
             }
             Rule::chain => Ok(Stmt::Chain(self.chain(p)?)),
             _ => Err(internal(span, "unexpected statement")),

@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""PyTorch reference fixtures for the candle lowering of dlc specs.
+
+What it makes
+-------------
+Small safetensors files in ``tests/fixtures/torch/`` that record what PyTorch computes, so
+that Rust tests can check the lowered networks (forward and backward) without PyTorch; CI
+never has it. Every number is float64 unless noted, every random draw comes from a fixed
+seed, and running the script twice writes byte-identical files.
+
+* ``op_<case>.safetensors``: one op per file. ``input`` is a small random tensor (batch 2,
+  a few channels, mostly 7x9 spatial so odd sizes are exercised); the op runs forward in
+  the file's mode and backward of ``sum(output * grad_output)``.
+* ``lenet.safetensors``: d2l's LeNet exactly as ``specs/lenet.dlc`` model ``lenet``
+  (``nn.Sequential`` indices as keys: ``0``, ``3``, ``7``, ``9``, ``11``), input
+  ``[4, 1, 28, 28]``.
+* ``basic_block.safetensors``: torchvision's ``resnet.BasicBlock`` with a projection
+  shortcut and stride 2, keys prefixed ``block.``; eval-mode and train-mode outputs,
+  train-mode gradients and the running statistics after the train-mode step. Its dlc
+  spec is ``tests/fixtures/torch/basic_block.dlc`` (hand-written, not made here).
+
+Key conventions (every file)
+----------------------------
+* ``input``: the input; ``output``: the forward result; ``grad_output``: the fixed upstream
+  gradient of the output; ``grad.input``: the gradient of the input.
+* Parameters use dlc's node names plus ``.weight``, ``.bias``, ``.running_mean``,
+  ``.running_var`` (per-op files name the node ``layer``); ``grad.<param name>`` is a
+  parameter's gradient. ``num_batches_tracked`` is never stored.
+* ``after.<name>.running_mean`` / ``after.<name>.running_var``: batch-norm running
+  statistics after one train-mode forward (PyTorch: momentum 0.1, running variance
+  updated with the unbiased batch variance).
+* The safetensors metadata always holds ``description`` and ``torch`` (the version); per-op
+  files add ``config`` (JSON: ``{"op": <dlc op>, <dlc argument>: <value>, ...}``, argument
+  names as in ``src/ops/*.rs``) and ``mode`` (``train`` or ``eval``); the model files add
+  ``spec``, ``model`` and ``mode``/``config`` as relevant.
+
+How to run
+----------
+From the repository root, with PyTorch, torchvision, safetensors and numpy installed in a
+virtualenv outside the repository::
+
+    python3 -m venv /work/venv
+    /work/venv/bin/pip install torch torchvision safetensors numpy
+    /work/venv/bin/python scripts/torch_fixtures.py
+
+It runs on the CPU in a few seconds and overwrites the files it makes.
+"""
+
+import json
+import math
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "torch"
+
+DTYPE = torch.float64
+
+# The basic-block fixture's channels. The brief asked for BasicBlock(64, 128) on
+# [2, 64, 8, 8]; with float64 parameters and gradients that file alone would be ~3.9 MB,
+# so the fixture uses 8 -> 16 channels (same structure, same names, ~80 KB).
+# tests/fixtures/torch/basic_block.dlc takes them as model parameters
+# (`--set inplanes=64 --set planes=128` gives the larger block).
+BLOCK_INPLANES = 8
+BLOCK_PLANES = 16
+BLOCK_HW = 8
+BLOCK_BATCH = 2
+
+
+def seed_of(name: str) -> int:
+    """A fixed seed per fixture, independent of the order in which fixtures are made."""
+    return zlib.crc32(name.encode())
+
+
+def gen(name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_of(name))
+
+
+def randn(g: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=DTYPE) * scale
+
+
+def uniform(g: torch.Generator, lo: float, hi: float, *shape) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=DTYPE)
+
+
+def meta(description: str, **extra) -> dict:
+    m = {"description": description, "torch": torch.__version__}
+    for k, v in extra.items():
+        m[k] = v if isinstance(v, str) else json.dumps(v)
+    return m
+
+
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64"}
+
+
+def write(name: str, tensors: dict, metadata: dict) -> None:
+    """Writes a safetensors file byte-for-byte reproducibly.
+
+    `safetensors.torch.save_file` keeps the metadata in a hash map, so its key order (and
+    the file's bytes) change from run to run; here the header is built by hand with every
+    key sorted, tensors laid out in name order, and the header padded with spaces to a
+    multiple of 8 bytes, as the format asks. The result is checked by loading it back.
+    """
+    header = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        data = t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+        header[key] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    head += b" " * (-len(head) % 8)
+    path = OUT / f"{name}.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    back = load_file(str(path))
+    assert sorted(back) == sorted(tensors), name
+    for key, t in tensors.items():
+        assert torch.equal(back[key], t.detach().cpu()), (name, key)
+
+
+def randomize_bn(bn: nn.modules.batchnorm._BatchNorm, g: torch.Generator) -> None:
+    """Non-default affine parameters and running statistics."""
+    c = bn.num_features
+    with torch.no_grad():
+        bn.weight.copy_(uniform(g, 0.5, 1.5, c))
+        bn.bias.copy_(randn(g, c, scale=0.5))
+        bn.running_mean.copy_(randn(g, c, scale=0.5))
+        bn.running_var.copy_(uniform(g, 0.5, 2.0, c))
+
+
+def buffers_of(module: nn.Module, prefix: str) -> dict:
+    return {
+        f"{prefix}{k}": v
+        for k, v in module.state_dict().items()
+        if k.endswith("running_mean") or k.endswith("running_var")
+    }
+
+
+def run_forward_backward(fn, module: nn.Module | None, x: torch.Tensor, grad_output, prefix: str):
+    """Forward `fn(x)`, backward of sum(output * grad_output); returns the tensor dict."""
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    if grad_output is None:
+        grad_output = randn(gen("grad_output"), *out.shape)
+    out.backward(grad_output)
+    t = {"input": x, "output": out, "grad_output": grad_output, "grad.input": x.grad}
+    if module is not None:
+        for k, p in module.named_parameters():
+            t[f"{prefix}{k}"] = p
+            t[f"grad.{prefix}{k}"] = p.grad
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# Per-op fixtures
+# ---------------------------------------------------------------------------------------
+
+
+def op_fixture(name, config, description, x, fn=None, module=None, mode="train",
+               before=None, grad_output=None):
+    """One per-op file. `module` (if any) is the node `layer`; its params are stored."""
+    g = gen(name + "/grad_output")
+    if module is not None:
+        module.train(mode == "train")
+        fn = module
+    # Buffers as they were before the forward (bn): what the op was given.
+    state = buffers_of(module, "layer.") if module is not None else {}
+    state = {k: v.clone() for k, v in state.items()}
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    if grad_output is None:
+        grad_output = randn(g, *out.shape)
+    out.backward(grad_output)
+    t = {"input": x, "output": out, "grad_output": grad_output, "grad.input": x.grad}
+    t.update(state)
+    if module is not None:
+        for k, p in module.named_parameters():
+            t[f"layer.{k}"] = p
+            t[f"grad.layer.{k}"] = p.grad
+        if mode == "train" and state:
+            for k, v in buffers_of(module, "after.layer.").items():
+                t[k] = v
+    write(name, t, meta(description, config=config, mode=mode))
+
+
+def conv_case(name, cin, out, kernel, stride=(1, 1), pad=(0, 0), dilation=(1, 1), groups=1,
+              bias=True, hw=(7, 9), note=""):
+    g = gen(name)
+    x = randn(g, 2, cin, *hw)
+    conv = nn.Conv2d(cin, out, kernel, stride=stride, padding=pad, dilation=dilation,
+                     groups=groups, bias=bias).to(DTYPE)
+    fan_in = (cin // groups) * kernel[0] * kernel[1]
+    with torch.no_grad():
+        conv.weight.copy_(randn(g, *conv.weight.shape, scale=1 / math.sqrt(fan_in)))
+        if bias:
+            conv.bias.copy_(randn(g, out, scale=0.5))
+    config = {"op": "conv", "out": out, "kernel": list(kernel), "stride": list(stride),
+              "pad": list(pad), "dilation": list(dilation), "groups": groups, "bias": bias}
+    desc = (f"nn.Conv2d({cin}, {out}, kernel_size={tuple(kernel)}, stride={tuple(stride)}, "
+            f"padding={tuple(pad)}, dilation={tuple(dilation)}, groups={groups}, bias={bias}) "
+            f"on input [2, {cin}, {hw[0]}, {hw[1]}]; backward of sum(output * grad_output)"
+            + (f". {note}" if note else ""))
+    op_fixture(name, config, desc, x, module=conv)
+
+
+def pool_case(name, kind, kernel, stride, pad=(0, 0), ceil=False, count_pad=True, hw=(7, 9),
+              note=""):
+    g = gen(name)
+    x = randn(g, 2, 3, *hw)
+    config = {"op": kind, "kernel": list(kernel), "stride": list(stride), "pad": list(pad),
+              "ceil": ceil}
+    if kind == "maxpool":
+        fn = nn.MaxPool2d(kernel, stride=stride, padding=pad, ceil_mode=ceil)
+        desc = (f"nn.MaxPool2d({tuple(kernel)}, stride={tuple(stride)}, padding={tuple(pad)}, "
+                f"ceil_mode={ceil})")
+    else:
+        config["count_pad"] = count_pad
+        fn = nn.AvgPool2d(kernel, stride=stride, padding=pad, ceil_mode=ceil,
+                          count_include_pad=count_pad)
+        desc = (f"nn.AvgPool2d({tuple(kernel)}, stride={tuple(stride)}, padding={tuple(pad)}, "
+                f"ceil_mode={ceil}, count_include_pad={count_pad})")
+    desc += (f" on input [2, 3, {hw[0]}, {hw[1]}]; backward of sum(output * grad_output)"
+             + (f". {note}" if note else ""))
+    op_fixture(name, config, desc, x, fn=fn)
+
+
+def make_ops():
+    # --- conv ---
+    conv_case("op_conv_k3s2p1", 3, 4, (3, 3), stride=(2, 2), pad=(1, 1))
+    conv_case("op_conv_k3s3p1", 3, 4, (3, 3), stride=(3, 3), pad=(1, 1),
+              note="Output 3x3: along the width (9 + 2 padding, stride 3) the windows cover "
+                   "padded columns 0..8, so the last input column is never read and its input "
+                   "gradient is zero (the case where candle's conv2d backward breaks)")
+    conv_case("op_conv_k1g2", 4, 6, (1, 1), groups=2)
+    conv_case("op_conv_dil2", 3, 4, (3, 3), pad=(1, 1), dilation=(2, 2))
+    conv_case("op_conv_nobias", 3, 4, (3, 3), pad=(1, 1), bias=False)
+    conv_case("op_conv_k3x5p1x2", 3, 4, (3, 5), pad=(1, 2),
+              note="Non-square kernel (3, 5), padding (1, 2)")
+
+    # --- linear ---
+    g = gen("op_linear")
+    x = randn(g, 2, 6)
+    lin = nn.Linear(6, 4).to(DTYPE)
+    with torch.no_grad():
+        lin.weight.copy_(randn(g, 4, 6, scale=1 / math.sqrt(6)))
+        lin.bias.copy_(randn(g, 4, scale=0.5))
+    op_fixture("op_linear", {"op": "linear", "out": 4, "bias": True},
+               "nn.Linear(6, 4) on input [2, 6]; backward of sum(output * grad_output)",
+               x, module=lin)
+
+    # --- bn ---
+    for name, mode, shape in [
+        ("op_bn_train", "train", (2, 3, 7, 9)),
+        ("op_bn_eval", "eval", (2, 3, 7, 9)),
+        ("op_bn1d_train", "train", (6, 5)),
+    ]:
+        g = gen(name)
+        x = randn(g, *shape, scale=1.5) + 0.3
+        c = shape[1]
+        bn = (nn.BatchNorm2d(c) if len(shape) == 4 else nn.BatchNorm1d(c)).to(DTYPE)
+        randomize_bn(bn, g)
+        kind = "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"
+        if mode == "train":
+            desc = (f"nn.{kind}({c}, eps=1e-5, momentum=0.1) in train mode on input "
+                    f"{list(shape)}: normalises with the batch statistics (biased variance); "
+                    "layer.running_* are the statistics before the step, after.layer.running_* "
+                    "after it (running_var updated with the unbiased batch variance); backward "
+                    "of sum(output * grad_output) through the batch statistics")
+        else:
+            desc = (f"nn.{kind}({c}, eps=1e-5, momentum=0.1) in eval mode on input "
+                    f"{list(shape)}: normalises with layer.running_mean/var (not updated); "
+                    "backward of sum(output * grad_output)")
+        op_fixture(name, {"op": "bn", "eps": 1e-5, "momentum": 0.1}, desc, x, module=bn,
+                   mode=mode)
+
+    # --- pools ---
+    pool_case("op_maxpool_k2s2", "maxpool", (2, 2), (2, 2),
+              note="Floor mode drops the last row and column (their gradient is zero)")
+    pool_case("op_maxpool_k3s2p1", "maxpool", (3, 3), (2, 2), pad=(1, 1),
+              note="Padding counts as -inf")
+    pool_case("op_maxpool_k3s2_ceil", "maxpool", (3, 3), (2, 2), ceil=True, hw=(8, 10),
+              note="Input 8x10 so that ceil mode adds a partial last window in both axes "
+                   "(output 4x5; floor would give 3x4)")
+    pool_case("op_avgpool_k2s2", "avgpool", (2, 2), (2, 2))
+    pool_case("op_avgpool_k3s1p1", "avgpool", (3, 3), (1, 1), pad=(1, 1), count_pad=True,
+              note="count_include_pad=True: every window divides by 9")
+    pool_case("op_avgpool_k3s1p1_nocount", "avgpool", (3, 3), (1, 1), pad=(1, 1),
+              count_pad=False,
+              note="count_include_pad=False: border windows divide by the number of real "
+                   "input cells")
+    pool_case("op_avgpool_k3s2_ceil", "avgpool", (3, 3), (2, 2), ceil=True, hw=(8, 10),
+              note="Input 8x10 so that ceil mode adds a partial last window (output 4x5); "
+                   "the partial window divides by the cells inside the input")
+    pool_case("op_avgpool_k3s2p1_ceil", "avgpool", (3, 3), (2, 2), pad=(1, 1), ceil=True,
+              count_pad=True, hw=(8, 10),
+              note="Extra case: ceil mode with padding and count_include_pad=True (output "
+                   "5x6); the last window overhangs the input and its padding, and PyTorch "
+                   "divides it by the cells inside input+padding (here 2 rows, not 3)")
+
+    # --- adaptive average pooling ---
+    g = gen("op_adaptive_avgpool_6x6")
+    op_fixture("op_adaptive_avgpool_6x6", {"op": "adaptive_avgpool", "size": [6, 6]},
+               "nn.AdaptiveAvgPool2d((6, 6)) on input [2, 3, 13, 13]: window i spans "
+               "[floor(i*13/6), ceil((i+1)*13/6)), so windows have sizes 3 and overlap; "
+               "backward of sum(output * grad_output)",
+               randn(g, 2, 3, 13, 13), fn=nn.AdaptiveAvgPool2d((6, 6)))
+    g = gen("op_adaptive_avgpool_1x1")
+    op_fixture("op_adaptive_avgpool_1x1", {"op": "adaptive_avgpool", "size": [1, 1]},
+               "nn.AdaptiveAvgPool2d((1, 1)) on input [2, 3, 7, 9] (the same as dlc's "
+               "global_avgpool); backward of sum(output * grad_output)",
+               randn(g, 2, 3, 7, 9), fn=nn.AdaptiveAvgPool2d((1, 1)))
+
+    # --- lrn ---
+    g = gen("op_lrn")
+    op_fixture("op_lrn", {"op": "lrn", "size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0},
+               "nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0) on input [2, 7, 7, 9]: "
+               "b_c = a_c / (k + alpha/size * sum of a^2 over channels c-2..c+2 that exist)^beta "
+               "(PyTorch divides alpha by size); backward of sum(output * grad_output)",
+               randn(g, 2, 7, 7, 9, scale=3.0), fn=nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0))
+    g = gen("op_lrn_strong")
+    op_fixture("op_lrn_strong", {"op": "lrn", "size": 4, "alpha": 1.0, "beta": 0.75, "k": 1.0},
+               "Extra case with a large alpha so the neighbour sum dominates, and an even size: "
+               "nn.LocalResponseNorm(4, alpha=1.0, beta=0.75, k=1.0) on input [2, 7, 7, 9]; "
+               "the window for channel c is c-2..c+1 (PyTorch pads size//2 channels before and "
+               "(size-1)//2 after) and the sum is divided by size; backward of "
+               "sum(output * grad_output)",
+               randn(g, 2, 7, 7, 9), fn=nn.LocalResponseNorm(4, 1.0, 0.75, 1.0))
+
+    # --- activations ---
+    acts = [
+        ("relu", nn.ReLU(), "nn.ReLU()"),
+        ("relu6", nn.ReLU6(), "nn.ReLU6()"),
+        ("sigmoid", nn.Sigmoid(), "nn.Sigmoid()"),
+        ("tanh", nn.Tanh(), "nn.Tanh()"),
+        ("gelu", nn.GELU(approximate="none"), "nn.GELU(approximate='none') (exact, with erf)"),
+        ("silu", nn.SiLU(), "nn.SiLU()"),
+        ("hardswish", nn.Hardswish(), "nn.Hardswish()"),
+    ]
+    for op, fn, desc in acts:
+        name = f"op_{op}"
+        g = gen(name)
+        op_fixture(name, {"op": op},
+                   f"{desc} on input [2, 3, 7, 9] drawn from N(0, 4^2) (wide enough to reach the "
+                   "kinks of relu6 at 0 and 6 and of hardswish at -3 and 3); backward of sum(output * grad_output)",
+                   randn(g, 2, 3, 7, 9, scale=4.0), fn=fn)
+
+    # --- softmax, flatten ---
+    g = gen("op_softmax")
+    op_fixture("op_softmax", {"op": "softmax", "dim": 1},
+               "torch.softmax(input, dim=1) on input [2, 5, 7, 9]; backward of "
+               "sum(output * grad_output)",
+               randn(g, 2, 5, 7, 9, scale=2.0), fn=lambda x: torch.softmax(x, dim=1))
+    g = gen("op_flatten")
+    op_fixture("op_flatten", {"op": "flatten", "start": 1},
+               "nn.Flatten() (start_dim=1) on input [2, 3, 7, 9] -> [2, 189]; backward of "
+               "sum(output * grad_output)",
+               randn(g, 2, 3, 7, 9), fn=nn.Flatten())
+
+    # --- cross-entropy loss ---
+    name = "op_cross_entropy"
+    g = gen(name)
+    logits = randn(g, 4, 10, scale=2.0).requires_grad_(True)
+    target = torch.randint(0, 10, (4,), generator=g, dtype=torch.int64)
+    loss = F.cross_entropy(logits, target)  # reduction="mean"
+    grad_output = torch.tensor(1.0, dtype=DTYPE)
+    loss.backward(grad_output)
+    write(name, {"input": logits, "target": target, "output": loss, "grad_output": grad_output,
+                 "grad.input": logits.grad},
+          meta("F.cross_entropy(input, target) with reduction='mean': input are logits "
+               "[4, 10] (float64), target class indices [4] (int64); output is the scalar "
+               "mean loss (shape []), grad_output the scalar 1.0, grad.input d loss / d logits",
+               config={"op": "cross_entropy", "reduction": "mean"}, mode="train"))
+
+
+# ---------------------------------------------------------------------------------------
+# Whole models
+# ---------------------------------------------------------------------------------------
+
+
+def make_lenet():
+    torch.manual_seed(seed_of("lenet"))
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(),
+        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(84, 10),
+    ).double()
+    g = gen("lenet/data")
+    x = randn(g, 4, 1, 28, 28)
+    grad_output = randn(g, 4, 10)
+    t = run_forward_backward(net, net, x, grad_output, "")
+    write("lenet", t, meta(
+        "d2l's LeNet (nn.Sequential: Conv2d(1,6,5,padding=2), Sigmoid, AvgPool2d(2,2), "
+        "Conv2d(6,16,5), Sigmoid, AvgPool2d(2,2), Flatten, Linear(400,120), Sigmoid, "
+        "Linear(120,84), Sigmoid, Linear(84,10)) in float64 with PyTorch's default init; "
+        "keys are the Sequential indices, which are dlc's node names; input [4, 1, 28, 28]; "
+        "backward of sum(output * grad_output)",
+        spec="specs/lenet.dlc", model="lenet", mode="train"))
+
+
+def make_basic_block():
+    torch.manual_seed(seed_of("basic_block"))
+    cin, planes = BLOCK_INPLANES, BLOCK_PLANES
+    block = BasicBlock(cin, planes, stride=2,
+                       downsample=nn.Sequential(conv1x1(cin, planes, stride=2),
+                                                nn.BatchNorm2d(planes))).double()
+    g = gen("basic_block/bn")
+    for bn in (block.bn1, block.bn2, block.downsample[1]):
+        randomize_bn(bn, g)
+    g = gen("basic_block/data")
+    x = randn(g, BLOCK_BATCH, cin, BLOCK_HW, BLOCK_HW)
+    ho = BLOCK_HW // 2
+    grad_output = randn(g, BLOCK_BATCH, planes, ho, ho)
+
+    t = {}
+    for k, v in block.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        t[f"block.{k}"] = v.clone()
+
+    # Eval mode: running statistics used, not changed.
+    block.eval()
+    with torch.no_grad():
+        out_eval = block(x)
+
+    # Train mode: one forward with batch statistics, then backward.
+    block.train()
+    xg = x.clone().requires_grad_(True)
+    out_train = block(xg)
+    out_train.backward(grad_output)
+
+    t["input"] = x
+    t["output.eval"] = out_eval
+    t["output.train"] = out_train
+    t["grad_output"] = grad_output
+    t["grad.input"] = xg.grad
+    for k, p in block.named_parameters():
+        t[f"grad.block.{k}"] = p.grad
+    for k, v in buffers_of(block, "after.block.").items():
+        t[k] = v
+
+    trainable = sum(p.numel() for p in block.parameters() if p.requires_grad)
+    write("basic_block", t, meta(
+        f"torchvision.models.resnet.BasicBlock({cin}, {planes}, stride=2, "
+        f"downsample=nn.Sequential(conv1x1({cin}, {planes}, stride=2), "
+        f"BatchNorm2d({planes}))) in float64 with random BN weights, biases and running "
+        f"statistics; keys are the state-dict keys prefixed with 'block.' (dlc's node names); "
+        f"input [{BLOCK_BATCH}, {cin}, {BLOCK_HW}, {BLOCK_HW}]; output.eval from model.eval() "
+        f"with block.*.running_* (unchanged); output.train from one model.train() forward, "
+        f"after.block.*.running_* the statistics after it (momentum 0.1, unbiased variance); "
+        f"grad.* from backward of sum(output.train * grad_output)",
+        spec="tests/fixtures/torch/basic_block.dlc", model="basic_block",
+        config={"inplanes": cin, "planes": planes, "stride": 2},
+        trainable_params=str(trainable)))
+    return trainable
+
+
+def main():
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    make_ops()
+    make_lenet()
+    n = make_basic_block()
+    files = sorted(OUT.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "
+          f"torch {torch.__version__}; basic block trainable params {n:,}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+//! The network's state: trainable parameters and buffers (BatchNorm running statistics),
+//! each at `<node name>.<kind>`, kept in sorted maps so that iteration, initialisation and
+//! checkpoints are deterministic; and the seeded random number generator every random
+//! choice (initialisation, dropout) draws from.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How conv and linear weights start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Init {
+    /// PyTorch's defaults: weights and biases uniform in ±1/√fan_in (kaiming_uniform, a = √5).
+    #[default]
+    Torch,
+    /// Xavier (Glorot) uniform weights, ±√(6 / (fan_in + fan_out)), as d2l's `init_weights`;
+    /// biases keep PyTorch's default.
+    Xavier,
+}
+
+impl Init {
+    /// Parses `torch` / `xavier`.
+    pub fn parse(s: &str) -> Option<Init> {
+        match s {
+            "torch" | "default" => Some(Init::Torch),
+            "xavier" => Some(Init::Xavier),
+            _ => None,
+        }
+    }
+}
+
+/// Trainable parameters and buffers by name, plus the generator for random choices.
+pub struct State {
+    /// Trainable tensors (`0.weight`, `layer1.0.bn1.bias`, ...).
+    pub params: BTreeMap<String, Var>,
+    /// Non-trainable state (`...running_mean`, `...running_var`).
+    pub buffers: BTreeMap<String, Var>,
+    /// Seeded generator: the same seed gives the same initial weights and dropout masks.
+    pub rng: StdRng,
+    /// Where tensors live.
+    pub device: Device,
+    /// Their element type.
+    pub dtype: DType,
+    /// How weights start.
+    pub init: Init,
+}
+
+impl State {
+    /// An empty state.
+    pub fn new(device: &Device, dtype: DType, init: Init, seed: u64) -> Self {
+        State {
+            params: BTreeMap::new(),
+            buffers: BTreeMap::new(),
+            rng: StdRng::seed_from_u64(seed),
+            device: device.clone(),
+            dtype,
+            init,
+        }
+    }
+
+    /// `n` values uniform in [-bound, bound).
+    fn uniform(&mut self, n: usize, bound: f64) -> Vec<f64> {
+        (0..n)
+            .map(|_| self.rng.random_range(-bound..bound))
+            .collect()
+    }
+
+    fn tensor(&self, values: Vec<f64>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// A weight of `shape` (`[out, in, kh, kw]` or `[out, in]`) initialised by the chosen scheme.
+    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Var> {
+        let receptive: usize = shape[2..].iter().product();
+        let fan_in = shape[1] * receptive;
+        let fan_out = shape[0] * receptive;
+        let n = shape.iter().product();
+        let bound = match self.init {
+            Init::Torch => 1.0 / (fan_in as f64).sqrt(),
+            Init::Xavier => (6.0 / (fan_in + fan_out) as f64).sqrt(),
+        };
+        let values = self.uniform(n, bound);
+        self.param(name, values, shape)
+    }
+
+    /// A bias of `out` values, PyTorch's default ±1/√fan_in.
+    pub fn bias(&mut self, name: &str, out: usize, fan_in: usize) -> Result<Var> {
+        let values = self.uniform(out, 1.0 / (fan_in.max(1) as f64).sqrt());
+        self.param(name, values, &[out])
+    }
+
+    /// A trainable parameter filled with `value`.
+    pub fn filled(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Var> {
+        let n = shape.iter().product();
+        self.param(name, vec![value; n], shape)
+    }
+
+    /// A buffer filled with `value`.
+    pub fn buffer(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Var> {
+        let n = shape.iter().product();
+        let var = Var::from_tensor(&self.tensor(vec![value; n], shape)?)?;
+        self.buffers.insert(name.to_string(), var.clone());
+        Ok(var)
+    }
+
+    fn param(&mut self, name: &str, values: Vec<f64>, shape: &[usize]) -> Result<Var> {
+        let var = Var::from_tensor(&self.tensor(values, shape)?)?;
+        self.params.insert(name.to_string(), var.clone());
+        Ok(var)
+    }
+
+    /// Parameters and buffers together, by name: what a checkpoint holds.
+    pub fn variables(&self) -> BTreeMap<String, Var> {
+        self.params
+            .iter()
+            .chain(self.buffers.iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Total elements of the trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.params.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Total elements of the buffers.
+    pub fn buffer_count(&self) -> usize {
+        self.buffers.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// A dropout keep-mask scaled by 1/(1-p), shaped like `like`.
+    pub fn dropout_mask(&mut self, like: &Tensor, p: f64) -> Result<Tensor> {
+        let n = like.elem_count();
+        let scale = 1.0 / (1.0 - p);
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                if self.rng.random::<f64>() < p {
+                    0.0
+                } else {
+                    scale as f32
+                }
+            })
+            .collect();
+        Tensor::from_vec(values, like.shape(), &self.device)?.to_dtype(like.dtype())
+    }
+}

@@ -1,0 +1,950 @@
+//! Pooling over `[N, C, H, W]`: max and average pooling as our own candle custom ops, and
+//! adaptive average pooling from differentiable candle ops.
+//!
+//! Candle's own pooling (0.11) is not usable for training: its `max_pool2d` backward scales the
+//! gradient of every max by `1/k²`, both backwards upsample the output gradient to the whole input
+//! (so with `H % k != 0` rows that no window reads get gradient too), both pools have no backward
+//! when the kernel differs from the stride, and neither supports padding or ceil mode. So [`pool2d`] is a [`CustomOp1`] (CPU, f32
+//! and f64) whose backward is a second custom op computing the exact input gradient.
+//!
+//! Semantics are PyTorch's `nn.MaxPool2d` / `nn.AvgPool2d` (dilation 1):
+//! - the output size is [`window_out`], the rule shape inference uses, ceil mode included;
+//! - window `i` covers padded rows `[i·s − p, i·s − p + k)`, clipped to `[0, H)` for reading;
+//! - max pooling treats padding as −∞, NaN propagates, and the gradient goes to the first
+//!   maximum in row-major window order;
+//! - average pooling divides by the window clipped to the padded input, `[.., min(.., H + p))`,
+//!   when `count_pad` (PyTorch's `count_include_pad=True`), else by the number of real elements.
+
+use std::thread;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType, bail,
+};
+
+use crate::ops::conv::window_out;
+use crate::ops::pool::{Pool2d, PoolKind};
+
+/// Max or average pooling of `x: [N, C, H, W]` (CPU, f32 or f64), differentiable.
+///
+/// The output is `[N, C, H', W']` with `H'`, `W'` as [`Pool2d::infer`] computes them.
+pub fn pool2d(x: &Tensor, cfg: &Pool2d) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    Geometry::new(cfg, h, w)?;
+    if !x.device().is_cpu() {
+        bail!("{}: only the CPU is supported", cfg.name());
+    }
+    x.apply_op1(PoolFwd(cfg.clone()))
+}
+
+/// PyTorch's `adaptive_avg_pool2d`: output cell `(i, j)` is the mean of input rows
+/// `[⌊i·H/h⌋, ⌈(i+1)·H/h⌉)` and columns `[⌊j·W/w⌋, ⌈(j+1)·W/w⌉)`.
+///
+/// The mean over a rectangle is separable, so this is `A_h · X · A_wᵀ` with two small averaging
+/// matrices, built from candle matmuls (any dtype and device candle's matmul supports).
+pub fn adaptive_avg_pool2d(x: &Tensor, out: (usize, usize)) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = out;
+    if oh == 0 || ow == 0 || h == 0 || w == 0 {
+        bail!("adaptive_avgpool: cannot pool [{h}, {w}] to [{oh}, {ow}]");
+    }
+    if out == (1, 1) {
+        return x.mean_keepdim(3)?.mean_keepdim(2);
+    }
+    let ah = averaging_matrix(h, oh, x)?; // [oh, h]
+    let aw = averaging_matrix(w, ow, x)?; // [ow, w]
+    // Columns: [N·C·H, W] · [W, ow].
+    let t = x.reshape((n * c * h, w))?.matmul(&aw.t()?)?;
+    // Rows: [N·C·ow, H] · [H, oh].
+    let t = t
+        .reshape((n * c, h, ow))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * c * ow, h))?
+        .matmul(&ah.t()?)?;
+    t.reshape((n, c, ow, oh))?.transpose(2, 3)?.contiguous()
+}
+
+/// `[out, len]`: row `i` averages the adaptive bin `[⌊i·len/out⌋, ⌈(i+1)·len/out⌉)`.
+fn averaging_matrix(len: usize, out: usize, like: &Tensor) -> Result<Tensor> {
+    let mut m = vec![0f64; out * len];
+    for i in 0..out {
+        let (lo, hi) = (i * len / out, ((i + 1) * len).div_ceil(out));
+        let v = 1.0 / (hi - lo) as f64;
+        m[i * len + lo..i * len + hi].fill(v);
+    }
+    Tensor::from_vec(m, (out, len), like.device())?.to_dtype(like.dtype())
+}
+
+/// One output row (or column) of windows: the input range it reads and the length of the window
+/// clipped to the padded input (the `count_pad` divisor factor).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    lo: usize,
+    hi: usize,
+    padded_len: usize,
+}
+
+/// The windows of one pooling config on one input size.
+#[derive(Clone, Debug)]
+struct Geometry {
+    max: bool,
+    count_pad: bool,
+    rows: Vec<Span>,
+    cols: Vec<Span>,
+}
+
+impl Geometry {
+    fn new(cfg: &Pool2d, h: usize, w: usize) -> Result<Self> {
+        let name = cfg.name();
+        let (k, s, p) = (cfg.kernel, cfg.stride, cfg.pad);
+        if k.0 == 0 || k.1 == 0 || s.0 == 0 || s.1 == 0 {
+            bail!("{name}: kernel {k:?} and stride {s:?} must be positive");
+        }
+        if 2 * p.0 > k.0 || 2 * p.1 > k.1 {
+            bail!("{name}: padding {p:?} is more than half the window {k:?}");
+        }
+        let spans = |n: usize, k: u64, s: u64, p: u64| -> Result<Vec<Span>> {
+            let Some(out) = window_out(n as u64, k, s, p, 1, cfg.ceil) else {
+                bail!("{name}: window {k} (padding {p}) is larger than the input size {n}");
+            };
+            let (k, s, p) = (k as usize, s as usize, p as usize);
+            Ok((0..out as usize)
+                .map(|i| {
+                    // In padded coordinates (shifted by +p) to stay unsigned.
+                    let start = i * s;
+                    let end = (start + k).min(n + 2 * p);
+                    Span {
+                        lo: start.max(p).min(n + p) - p,
+                        hi: end.clamp(p, n + p) - p,
+                        padded_len: end - start,
+                    }
+                })
+                .collect())
+        };
+        Ok(Geometry {
+            max: cfg.kind == PoolKind::Max,
+            count_pad: cfg.count_pad,
+            rows: spans(h, cfg.kernel.0, cfg.stride.0, cfg.pad.0)?,
+            cols: spans(w, cfg.kernel.1, cfg.stride.1, cfg.pad.1)?,
+        })
+    }
+
+    fn out_hw(&self) -> (usize, usize) {
+        (self.rows.len(), self.cols.len())
+    }
+
+    /// The average-pooling divisor of window `(r, c)`.
+    fn divisor(&self, r: &Span, c: &Span) -> usize {
+        if self.count_pad {
+            r.padded_len * c.padded_len
+        } else {
+            (r.hi - r.lo) * (c.hi - c.lo)
+        }
+    }
+
+    /// Window reads of one call: the cost estimate that decides on threads.
+    fn work(&self, planes: usize) -> usize {
+        let kh = self.rows.first().map_or(0, |r| r.padded_len);
+        let kw = self.cols.first().map_or(0, |c| c.padded_len);
+        planes * self.rows.len() * self.cols.len() * kh * kw
+    }
+}
+
+/// Strided read access to one `[N, C, H, W]` operand, any layout.
+struct Strided<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    stride: [usize; 4],
+    channels: usize,
+}
+
+impl<'a, T: Copy> Strided<'a, T> {
+    fn new(data: &'a [T], layout: &Layout) -> Result<Self> {
+        let (_, channels, _, _) = layout.shape().dims4()?;
+        let s = layout.stride();
+        Ok(Strided {
+            data,
+            offset: layout.start_offset(),
+            stride: [s[0], s[1], s[2], s[3]],
+            channels: channels.max(1),
+        })
+    }
+
+    /// Plane `n·C + c` of the operand.
+    fn plane(&self, plane: usize) -> Plane<'a, T> {
+        let (n, c) = (plane / self.channels, plane % self.channels);
+        Plane {
+            data: self.data,
+            base: self.offset + n * self.stride[0] + c * self.stride[1],
+            sh: self.stride[2],
+            sw: self.stride[3],
+        }
+    }
+}
+
+/// One `[H, W]` plane of a [`Strided`] operand.
+struct Plane<'a, T> {
+    data: &'a [T],
+    base: usize,
+    sh: usize,
+    sw: usize,
+}
+
+impl<T: Copy> Plane<'_, T> {
+    #[inline]
+    fn at(&self, h: usize, w: usize) -> T {
+        self.data[self.base + h * self.sh + w * self.sw]
+    }
+}
+
+/// Below this many window reads a call runs on one thread.
+const PARALLEL_WORK: usize = 1 << 18;
+
+/// Fills `out`, a contiguous run of planes of `plane` elements each, with `f(plane_index,
+/// plane_slice)`, on several threads when `work` is large.
+fn for_each_plane<T: Send>(
+    out: &mut [T],
+    plane: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if plane == 0 || out.is_empty() {
+        return;
+    }
+    let planes = out.len() / plane;
+    let threads = if work < PARALLEL_WORK {
+        1
+    } else {
+        thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(planes)
+    };
+    if threads <= 1 {
+        out.chunks_mut(plane).enumerate().for_each(|(i, o)| f(i, o));
+        return;
+    }
+    let per = planes.div_ceil(threads);
+    let f = &f;
+    thread::scope(|s| {
+        for (t, chunk) in out.chunks_mut(per * plane).enumerate() {
+            s.spawn(move || {
+                for (i, o) in chunk.chunks_mut(plane).enumerate() {
+                    f(t * per + i, o);
+                }
+            });
+        }
+    });
+}
+
+/// `v` is NaN (without a float trait bound).
+#[inline]
+fn is_nan<T: PartialOrd>(v: T) -> bool {
+    v.partial_cmp(&v).is_none()
+}
+
+/// The position `(h, w)` and value of the first maximum of a window, PyTorch's rule: a later
+/// element wins only if strictly greater, or NaN. `None` for an empty window.
+#[inline]
+fn argmax<T: WithDType>(x: &Plane<'_, T>, r: &Span, c: &Span) -> Option<((usize, usize), T)> {
+    if r.lo == r.hi || c.lo == c.hi {
+        return None;
+    }
+    let mut best = ((r.lo, c.lo), x.at(r.lo, c.lo));
+    for h in r.lo..r.hi {
+        for w in c.lo..c.hi {
+            let v = x.at(h, w);
+            if v > best.1 || is_nan(v) {
+                best = ((h, w), v);
+            }
+        }
+    }
+    Some(best)
+}
+
+fn forward<T: WithDType>(x: &[T], layout: &Layout, g: &Geometry) -> Result<Vec<T>> {
+    let (n, c, _, _) = layout.shape().dims4()?;
+    let x = Strided::new(x, layout)?;
+    let (oh, ow) = g.out_hw();
+    let mut out = vec![T::zero(); n * c * oh * ow];
+    for_each_plane(&mut out, oh * ow, g.work(n * c), |plane, o| {
+        let x = x.plane(plane);
+        for (i, r) in g.rows.iter().enumerate() {
+            for (j, cs) in g.cols.iter().enumerate() {
+                o[i * ow + j] = if g.max {
+                    argmax(&x, r, cs).map_or(T::from_f64(f64::NEG_INFINITY), |m| m.1)
+                } else {
+                    let mut sum = T::zero();
+                    for h in r.lo..r.hi {
+                        for w in cs.lo..cs.hi {
+                            sum += x.at(h, w);
+                        }
+                    }
+                    match g.divisor(r, cs) {
+                        0 => T::zero(),
+                        d => sum / T::from_f64(d as f64),
+                    }
+                };
+            }
+        }
+    });
+    Ok(out)
+}
+
+fn backward<T: WithDType>(
+    x: &[T],
+    x_layout: &Layout,
+    grad: &[T],
+    grad_layout: &Layout,
+    g: &Geometry,
+) -> Result<Vec<T>> {
+    let (n, c, h, w) = x_layout.shape().dims4()?;
+    let (oh, ow) = g.out_hw();
+    if grad_layout.dims() != [n, c, oh, ow] {
+        bail!(
+            "pool2d backward: gradient shape {:?}, expected {:?}",
+            grad_layout.dims(),
+            [n, c, oh, ow]
+        );
+    }
+    let x = Strided::new(x, x_layout)?;
+    let grad = Strided::new(grad, grad_layout)?;
+    let mut out = vec![T::zero(); n * c * h * w];
+    for_each_plane(&mut out, h * w, g.work(n * c), |plane, gi| {
+        let (x, grad) = (x.plane(plane), grad.plane(plane));
+        for (i, r) in g.rows.iter().enumerate() {
+            for (j, cs) in g.cols.iter().enumerate() {
+                let go = grad.at(i, j);
+                if g.max {
+                    if let Some(((mh, mw), _)) = argmax(&x, r, cs) {
+                        gi[mh * w + mw] += go;
+                    }
+                } else if let d @ 1.. = g.divisor(r, cs) {
+                    let share = go / T::from_f64(d as f64);
+                    for hh in r.lo..r.hi {
+                        for ww in cs.lo..cs.hi {
+                            gi[hh * w + ww] += share;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// The forward op; its backward is [`PoolGrad`].
+struct PoolFwd(Pool2d);
+
+impl CustomOp1 for PoolFwd {
+    fn name(&self) -> &'static str {
+        "dlc-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let g = Geometry::new(&self.0, h, w)?;
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(forward(x, l, &g)?),
+            CpuStorage::F64(x) => CpuStorage::F64(forward(x, l, &g)?),
+            _ => bail!("{}: only f32 and f64 are supported", self.0.name()),
+        };
+        let (oh, ow) = g.out_hw();
+        Ok((out, Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(grad_res, &PoolGrad(self.0.clone()))?,
+        ))
+    }
+}
+
+/// `(x, dL/dy) -> dL/dx` for [`PoolFwd`] (not itself differentiable).
+struct PoolGrad(Pool2d);
+
+impl CustomOp2 for PoolGrad {
+    fn name(&self) -> &'static str {
+        "dlc-pool2d-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, h, w) = l1.shape().dims4()?;
+        let g = Geometry::new(&self.0, h, w)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(d)) => {
+                CpuStorage::F32(backward(x, l1, d, l2, &g)?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(d)) => {
+                CpuStorage::F64(backward(x, l1, d, l2, &g)?)
+            }
+            _ => bail!(
+                "{} backward: only f32 and f64 of one dtype are supported, got {:?} and {:?}",
+                self.0.name(),
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dim, Shape as IrShape};
+    use crate::lower::gradcheck::{check_grads, random, random_distinct};
+    use crate::ops::pool::AdaptiveAvgPool;
+    use candle_core::{DType, Device, IndexOp};
+
+    const TOL: f64 = 1e-6;
+
+    fn cfg(kind: PoolKind, k: (u64, u64), s: (u64, u64), p: (u64, u64), ceil: bool) -> Pool2d {
+        Pool2d {
+            kind,
+            kernel: k,
+            stride: s,
+            pad: p,
+            ceil,
+            count_pad: true,
+        }
+    }
+
+    fn max(k: u64, s: u64, p: u64, ceil: bool) -> Pool2d {
+        cfg(PoolKind::Max, (k, k), (s, s), (p, p), ceil)
+    }
+
+    fn avg(k: u64, s: u64, p: u64, ceil: bool, count_pad: bool) -> Pool2d {
+        Pool2d {
+            count_pad,
+            ..cfg(PoolKind::Avg, (k, k), (s, s), (p, p), ceil)
+        }
+    }
+
+    fn ir_shape(dims: &[usize]) -> IrShape {
+        IrShape(dims.iter().map(|&d| Dim::Known(d as u64)).collect())
+    }
+
+    fn known(s: IrShape) -> Vec<usize> {
+        s.0.iter().map(|d| d.known().unwrap() as usize).collect()
+    }
+
+    /// `pool2d`, asserting its output shape is what shape inference says.
+    fn pool(x: &Tensor, c: &Pool2d) -> Result<Tensor> {
+        let y = pool2d(x, c)?;
+        assert_eq!(
+            y.dims(),
+            known(c.infer(&ir_shape(x.dims())).unwrap()),
+            "{c:?} on {:?}",
+            x.dims()
+        );
+        Ok(y)
+    }
+
+    /// `adaptive_avg_pool2d`, asserting its output shape is what shape inference says.
+    fn adaptive(x: &Tensor, out: (usize, usize)) -> Result<Tensor> {
+        let y = adaptive_avg_pool2d(x, out)?;
+        let op = AdaptiveAvgPool {
+            size: (out.0 as u64, out.1 as u64),
+            global: false,
+        };
+        assert_eq!(y.dims(), known(op.infer(&ir_shape(x.dims())).unwrap()));
+        Ok(y)
+    }
+
+    /// `[1, 1, h, w]` holding `scale · (0, 1, 2, …)` row-major.
+    fn iota(h: usize, w: usize, scale: f64) -> Tensor {
+        let v: Vec<f64> = (0..h * w).map(|i| scale * i as f64).collect();
+        Tensor::from_vec(v, (1, 1, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn plane(y: &Tensor) -> Vec<Vec<f64>> {
+        y.i((0, 0)).unwrap().to_vec2().unwrap()
+    }
+
+    fn assert_close(a: &[Vec<f64>], b: &[Vec<f64>]) {
+        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+        for (ra, rb) in a.iter().zip(b) {
+            assert_eq!(ra.len(), rb.len(), "{a:?} vs {b:?}");
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    // ---- forward values, hand-checked ----
+
+    #[test]
+    fn max_and_avg_2x2() {
+        let x = iota(4, 4, 1.0);
+        let y = pool(&x, &max(2, 2, 0, false)).unwrap();
+        assert_close(&plane(&y), &[vec![5., 7.], vec![13., 15.]]);
+        let y = pool(&x, &avg(2, 2, 0, false, true)).unwrap();
+        assert_close(&plane(&y), &[vec![2.5, 4.5], vec![10.5, 12.5]]);
+    }
+
+    #[test]
+    fn max_padding_is_minus_infinity() {
+        // k3 s2 p1 on 4×4 of 0, −1, …, −15: padding as 0 would make every output 0.
+        let y = pool(&iota(4, 4, -1.0), &max(3, 2, 1, false)).unwrap();
+        assert_close(&plane(&y), &[vec![0., -1.], vec![-4., -5.]]);
+        let y = pool(&iota(4, 4, 1.0), &max(3, 2, 1, false)).unwrap();
+        assert_close(&plane(&y), &[vec![5., 7.], vec![13., 15.]]);
+    }
+
+    #[test]
+    fn avg_padding_with_and_without_count_pad() {
+        // k3 s2 p1 on 4×4 of 0..16: windows rows/cols {0,1} and {1,2,3}.
+        let x = iota(4, 4, 1.0);
+        let y = pool(&x, &avg(3, 2, 1, false, true)).unwrap();
+        assert_close(
+            &plane(&y),
+            &[vec![10. / 9., 24. / 9.], vec![51. / 9., 90. / 9.]],
+        );
+        let y = pool(&x, &avg(3, 2, 1, false, false)).unwrap();
+        assert_close(&plane(&y), &[vec![2.5, 4.], vec![8.5, 10.]]);
+    }
+
+    #[test]
+    fn ceil_mode() {
+        // Max k3 s2 on 6×6 (v = 6h + w): ceil adds a window over rows/cols {4, 5}.
+        let x = iota(6, 6, 1.0);
+        assert_eq!(pool(&x, &max(3, 2, 0, false)).unwrap().dims(), [1, 1, 2, 2]);
+        let y = pool(&x, &max(3, 2, 0, true)).unwrap();
+        assert_close(
+            &plane(&y),
+            &[
+                vec![14., 16., 17.],
+                vec![26., 28., 29.],
+                vec![32., 34., 35.],
+            ],
+        );
+        // Avg k2 s2 ceil on 5×5 (v = 5h + w): the last windows hold 1 row/col and divide by it.
+        let y = pool(&iota(5, 5, 1.0), &avg(2, 2, 0, true, true)).unwrap();
+        assert_close(
+            &plane(&y),
+            &[
+                vec![3., 5., 6.5],
+                vec![13., 15., 16.5],
+                vec![20.5, 22.5, 24.],
+            ],
+        );
+    }
+
+    #[test]
+    fn ceil_mode_with_padding_clips_the_divisor_to_the_padded_input() {
+        // Avg k3 s2 p1 ceil on 6×6 (v = 6h + w): 4 windows per axis (floor gives 3); the last
+        // covers real row 5 and one pad row, so it counts 2 with count_pad and 1 without.
+        let x = iota(6, 6, 1.0);
+        let c = avg(3, 2, 1, true, true);
+        assert_eq!(
+            pool(
+                &x,
+                &Pool2d {
+                    ceil: false,
+                    ..c.clone()
+                }
+            )
+            .unwrap()
+            .dims()[2],
+            3
+        );
+        let y = plane(&pool(&x, &c).unwrap());
+        assert_eq!((y.len(), y[0].len()), (4, 4));
+        assert!((y[3][3] - 35. / 4.).abs() < 1e-12);
+        assert!((y[0][3] - 16. / 6.).abs() < 1e-12);
+        assert!((y[0][0] - 14. / 9.).abs() < 1e-12);
+        let y = plane(&pool(&x, &avg(3, 2, 1, true, false)).unwrap());
+        assert!((y[3][3] - 35.).abs() < 1e-12);
+        assert!((y[0][3] - 8.).abs() < 1e-12);
+        assert!((y[0][0] - 3.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn non_square_kernel_stride_and_padding() {
+        // Max kernel (2,3) stride (1,2) pad (1,1) on 3×4 (v = 4h + w): rows windows
+        // {0}, {0,1}, {1,2}, {2}; column windows {0,1}, {1,2,3}.
+        let c = cfg(PoolKind::Max, (2, 3), (1, 2), (1, 1), false);
+        let y = pool(&iota(3, 4, 1.0), &c).unwrap();
+        assert_close(
+            &plane(&y),
+            &[vec![1., 3.], vec![5., 7.], vec![9., 11.], vec![9., 11.]],
+        );
+        let c = Pool2d {
+            kind: PoolKind::Avg,
+            count_pad: false,
+            ..c
+        };
+        let y = pool(&iota(3, 4, 1.0), &c).unwrap();
+        assert_close(
+            &plane(&y),
+            &[vec![0.5, 2.], vec![2.5, 4.], vec![6.5, 8.], vec![8.5, 10.]],
+        );
+    }
+
+    #[test]
+    fn nan_propagates_through_max() {
+        let x =
+            Tensor::from_vec(vec![1.0f32, f32::NAN, 3.0, 2.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let y = pool(&x, &max(2, 2, 0, false)).unwrap();
+        assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let x = random(&[1, 1, 4, 4], 1);
+        assert!(pool2d(&x, &max(2, 0, 0, false)).is_err());
+        assert!(pool2d(&x, &max(2, 2, 2, false)).is_err());
+        assert!(pool2d(&x, &max(5, 1, 0, false)).is_err());
+        assert!(pool2d(&random(&[4, 4], 1), &max(2, 2, 0, false)).is_err());
+        let ints = Tensor::zeros((1, 1, 4, 4), DType::U32, &Device::Cpu).unwrap();
+        assert!(pool2d(&ints, &max(2, 2, 0, false)).is_err());
+    }
+
+    // ---- against candle's own pooling where it is right ----
+
+    #[test]
+    fn forward_matches_candle_without_padding() {
+        for dtype in [DType::F32, DType::F64] {
+            let x = random(&[2, 3, 9, 8], 5).to_dtype(dtype).unwrap();
+            for (k, s) in [(2, 2), (3, 3), (3, 2), (2, 1)] {
+                let ours = pool(&x, &max(k, s, 0, false)).unwrap();
+                let theirs = x.max_pool2d_with_stride(k as usize, s as usize).unwrap();
+                assert_eq!(max_abs_diff(&ours, &theirs), 0.0, "max k{k} s{s} {dtype:?}");
+                let ours = pool(&x, &avg(k, s, 0, false, true)).unwrap();
+                let theirs = x.avg_pool2d_with_stride(k as usize, s as usize).unwrap();
+                assert!(
+                    max_abs_diff(&ours, &theirs) < 1e-6,
+                    "avg k{k} s{s} {dtype:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_matches_f64() {
+        let x = random(&[2, 3, 11, 10], 9);
+        for c in [
+            max(3, 2, 1, true),
+            avg(3, 2, 1, true, false),
+            avg(3, 1, 1, false, true),
+        ] {
+            let a = pool(&x, &c).unwrap();
+            let b = pool(&x.to_dtype(DType::F32).unwrap(), &c).unwrap();
+            assert_eq!(b.dtype(), DType::F32);
+            assert!(max_abs_diff(&a, &b) < 1e-6, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn any_input_layout() {
+        // Transposed, offset, and broadcast views pool like their contiguous copies.
+        let x = random(&[2, 3, 7, 9], 2);
+        let views = [
+            x.transpose(2, 3).unwrap(),
+            x.narrow(1, 1, 2).unwrap().narrow(3, 2, 5).unwrap(),
+            x.i((.., 0..1)).unwrap().broadcast_as((2, 4, 7, 9)).unwrap(),
+        ];
+        for v in views {
+            assert!(!v.is_contiguous());
+            for c in [max(3, 2, 1, true), avg(2, 1, 1, false, false)] {
+                let a = pool(&v, &c).unwrap();
+                let b = pool(&v.contiguous().unwrap(), &c).unwrap();
+                assert_eq!(max_abs_diff(&a, &b), 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn large_inputs_use_threads_and_agree() {
+        // Above PARALLEL_WORK: the threaded forward and backward must agree with single planes.
+        let x = random(&[4, 16, 48, 48], 4);
+        let r = random(&[4, 16, 24, 24], 5);
+        for c in [max(3, 2, 1, false), avg(3, 2, 1, false, false)] {
+            assert!(Geometry::new(&c, 48, 48).unwrap().work(64) >= PARALLEL_WORK);
+            let run = |x: &Tensor, r: &Tensor| {
+                let v = candle_core::Var::from_tensor(x).unwrap();
+                let y = pool(v.as_tensor(), &c).unwrap();
+                let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(v.as_tensor()).unwrap().clone())
+            };
+            let (y_all, g_all) = run(&x, &r);
+            for (n, ch) in [(0, 0), (0, 15), (3, 7), (2, 9)] {
+                let one = |t: &Tensor| t.i((n..n + 1, ch..ch + 1)).unwrap();
+                let (y, g) = run(&one(&x), &one(&r));
+                assert_eq!(max_abs_diff(&y, &one(&y_all)), 0.0);
+                assert_eq!(max_abs_diff(&g, &one(&g_all)), 0.0);
+            }
+        }
+    }
+
+    // ---- gradients ----
+
+    #[test]
+    fn max_gradient_is_one_per_max_not_a_quarter() {
+        let x = candle_core::Var::from_tensor(&random_distinct(&[1, 2, 4, 4], 3)).unwrap();
+        let y = pool(x.as_tensor(), &max(2, 2, 0, false)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap();
+        // 1 at each window's max (where x equals the upsampled output), 0 elsewhere.
+        let at_max = x
+            .as_tensor()
+            .eq(&y.upsample_nearest2d(4, 4).unwrap())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        assert_eq!(max_abs_diff(g, &at_max), 0.0);
+        assert_eq!(g.sum_all().unwrap().to_scalar::<f64>().unwrap(), 8.0);
+    }
+
+    #[test]
+    fn max_gradient_ties_go_to_the_first_element() {
+        let x = candle_core::Var::from_tensor(
+            &Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let y = pool(x.as_tensor(), &max(2, 2, 0, false)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<Vec<f32>> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .i((0, 0))
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(
+            g,
+            [
+                [1., 0., 1., 0.],
+                [0., 0., 0., 0.],
+                [1., 0., 1., 0.],
+                [0., 0., 0., 0.]
+            ]
+        );
+    }
+
+    #[test]
+    fn overlapping_max_windows_accumulate() {
+        let x = candle_core::Var::from_tensor(&iota(3, 4, 1.0)).unwrap();
+        let y = pool(x.as_tensor(), &max(3, 1, 1, false)).unwrap();
+        // k3 s1 p1 on 3×4 of 0..12: 12 windows; the 4 that contain 11 (the global max) pick it.
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = plane(g.get(x.as_tensor()).unwrap());
+        let total: f64 = g.iter().flatten().sum();
+        assert_eq!(total, 12.0);
+        assert_eq!(g[2][3], 4.0); // windows (1..3, 2..4) all see 11
+    }
+
+    fn gradcheck_pool(c: Pool2d, dims: [usize; 4], seed: u64) {
+        let x = match c.kind {
+            PoolKind::Max => random_distinct(&dims, seed),
+            PoolKind::Avg => random(&dims, seed),
+        };
+        check_grads(|t| pool(&t[0], &c), &[x], TOL);
+    }
+
+    #[test]
+    fn grad_max_k2s2() {
+        gradcheck_pool(max(2, 2, 0, false), [2, 2, 6, 7], 10);
+    }
+
+    #[test]
+    fn grad_max_k3s2p1_resnet_stem() {
+        gradcheck_pool(max(3, 2, 1, false), [2, 2, 7, 8], 11);
+    }
+
+    #[test]
+    fn grad_max_k3s2_ceil_googlenet() {
+        let c = max(3, 2, 0, true);
+        assert_eq!(
+            pool(&random(&[1, 1, 8, 8], 0), &c).unwrap().dims(),
+            [1, 1, 4, 4]
+        );
+        gradcheck_pool(c, [1, 3, 8, 9], 12);
+    }
+
+    #[test]
+    fn grad_max_k3s1p1() {
+        gradcheck_pool(max(3, 1, 1, false), [1, 2, 5, 6], 13);
+    }
+
+    #[test]
+    fn grad_avg_k2s2_lenet() {
+        gradcheck_pool(avg(2, 2, 0, false, true), [2, 2, 6, 7], 14);
+    }
+
+    #[test]
+    fn grad_avg_k3s1p1_count_pad() {
+        gradcheck_pool(avg(3, 1, 1, false, true), [1, 2, 5, 6], 15);
+        gradcheck_pool(avg(3, 1, 1, false, false), [1, 2, 5, 6], 16);
+    }
+
+    #[test]
+    fn grad_avg_ceil_with_padding() {
+        gradcheck_pool(avg(3, 2, 1, true, true), [1, 2, 6, 7], 17);
+        gradcheck_pool(avg(3, 2, 1, true, false), [1, 2, 6, 7], 18);
+    }
+
+    #[test]
+    fn grad_non_square() {
+        for kind in [PoolKind::Max, PoolKind::Avg] {
+            for ceil in [false, true] {
+                let c = cfg(kind, (2, 3), (1, 2), (1, 1), ceil);
+                gradcheck_pool(c.clone(), [1, 2, 5, 8], 19);
+                gradcheck_pool(
+                    Pool2d {
+                        count_pad: false,
+                        ..c
+                    },
+                    [1, 2, 5, 8],
+                    20,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn grad_through_a_non_contiguous_input() {
+        let x = random_distinct(&[1, 2, 6, 7], 21);
+        check_grads(
+            |t| pool(&t[0].transpose(2, 3)?, &max(3, 2, 1, true)),
+            std::slice::from_ref(&x),
+            TOL,
+        );
+        check_grads(
+            |t| pool(&t[0].transpose(2, 3)?, &avg(3, 2, 1, true, false)),
+            &[x],
+            TOL,
+        );
+    }
+
+    #[test]
+    fn grad_f32_matches_f64() {
+        for c in [max(3, 2, 1, true), avg(3, 2, 1, true, false)] {
+            let x64 = random_distinct(&[1, 2, 7, 7], 22);
+            let grad = |x: &Tensor| {
+                let v = candle_core::Var::from_tensor(x).unwrap();
+                let r = random(&[1, 2, 4, 4], 23).to_dtype(x.dtype()).unwrap();
+                let y = pool(v.as_tensor(), &c).unwrap();
+                let g = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(v.as_tensor()).unwrap().clone()
+            };
+            let a = grad(&x64);
+            let b = grad(&x64.to_dtype(DType::F32).unwrap());
+            assert_eq!(b.dtype(), DType::F32);
+            assert!(max_abs_diff(&a, &b) < 1e-6);
+        }
+    }
+
+    // ---- adaptive average pooling ----
+
+    /// PyTorch's adaptive average pooling, written out directly.
+    fn adaptive_reference(x: &Tensor, (oh, ow): (usize, usize)) -> Tensor {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let x = x.to_dtype(DType::F64).unwrap();
+        let mut out = Vec::new();
+        for b in 0..n {
+            for ch in 0..c {
+                let p: Vec<Vec<f64>> = x.i((b, ch)).unwrap().to_vec2().unwrap();
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let (h0, h1) = (i * h / oh, ((i + 1) * h).div_ceil(oh));
+                        let (w0, w1) = (j * w / ow, ((j + 1) * w).div_ceil(ow));
+                        let sum: f64 = (h0..h1).flat_map(|r| p[r][w0..w1].iter()).sum();
+                        out.push(sum / ((h1 - h0) * (w1 - w0)) as f64);
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn adaptive_matches_the_direct_definition() {
+        for ((h, w), out) in [
+            ((13, 13), (6, 6)),
+            ((7, 7), (1, 1)),
+            ((5, 7), (3, 2)),
+            ((5, 5), (7, 7)),
+            ((8, 6), (4, 3)),
+            ((6, 9), (1, 4)),
+        ] {
+            let x = random(&[2, 3, h, w], 30);
+            let y = adaptive(&x, out).unwrap();
+            assert!(
+                max_abs_diff(&y, &adaptive_reference(&x, out)) < 1e-12,
+                "{h}×{w} -> {out:?}"
+            );
+            let y32 = adaptive(&x.to_dtype(DType::F32).unwrap(), out).unwrap();
+            assert_eq!(y32.dtype(), DType::F32);
+            assert!(max_abs_diff(&y32, &y) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn adaptive_to_a_divisor_is_plain_average_pooling() {
+        let x = random(&[2, 3, 12, 8], 31);
+        let a = adaptive(&x, (4, 2)).unwrap();
+        let b = pool(&x, &cfg(PoolKind::Avg, (3, 4), (3, 4), (0, 0), false)).unwrap();
+        assert!(max_abs_diff(&a, &b) < 1e-12);
+    }
+
+    #[test]
+    fn adaptive_non_contiguous_input() {
+        let x = random(&[2, 3, 9, 13], 32);
+        let v = x.transpose(2, 3).unwrap();
+        let y = adaptive(&v, (6, 4)).unwrap();
+        assert!(max_abs_diff(&y, &adaptive_reference(&v.contiguous().unwrap(), (6, 4))) < 1e-12);
+    }
+
+    #[test]
+    fn grad_adaptive_alexnet_13_to_6() {
+        check_grads(
+            |t| adaptive(&t[0], (6, 6)),
+            &[random(&[1, 2, 13, 13], 33)],
+            TOL,
+        );
+    }
+
+    #[test]
+    fn grad_adaptive_global() {
+        check_grads(
+            |t| adaptive(&t[0], (1, 1)),
+            &[random(&[2, 3, 5, 4], 34)],
+            TOL,
+        );
+    }
+
+    #[test]
+    fn grad_adaptive_uneven_and_upsampling() {
+        check_grads(
+            |t| adaptive(&t[0], (3, 2)),
+            &[random(&[1, 2, 5, 7], 35)],
+            TOL,
+        );
+        check_grads(
+            |t| adaptive(&t[0], (4, 5)),
+            &[random(&[1, 1, 3, 4], 36)],
+            TOL,
+        );
+    }
+}

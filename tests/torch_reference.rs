@@ -1,0 +1,511 @@
+//! PyTorch reference fixtures: every `tests/fixtures/torch/*.safetensors` (made by
+//! `scripts/torch_fixtures.py`) is replayed through dlc's candle lowering in float64, forward
+//! and backward, and compared with what PyTorch computed.
+//!
+//! * `op_<case>`: a one-layer spec is written from the file's `config` metadata (named `layer`,
+//!   so its parameters are `layer.weight`, ...), lowered, loaded with the fixture's
+//!   parameters and buffers and run in the file's `mode`; `output`, `grad.input`, every
+//!   `grad.layer.*` and (train mode) `after.layer.running_*` are compared.
+//! * `op_cross_entropy`: `candle_nn::loss::cross_entropy` (the training loss), value and
+//!   gradient with respect to the logits.
+//! * `lenet`: `specs/lenet.dlc` model `lenet`, train mode, output and every gradient.
+//! * `basic_block`: `tests/fixtures/torch/basic_block.dlc`, eval-mode output, then on a fresh
+//!   network the train-mode output, running statistics after the step and every gradient.
+//!
+//! Dispatch is by file name and an unknown file fails the test, so a new fixture cannot be
+//! skipped silently. Every tensor comparison is recorded; the failure message (and the
+//! summary printed with `--nocapture`) gives the worst absolute and relative error of each.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use dlc::lower::{Init, Network};
+use dlc::session::{Select, compile};
+
+/// Allowed error, relative to the reference's scale `max(1, max |reference|)`. Float64
+/// throughout, so agreement is at rounding level (~1e-15); this leaves room for different
+/// summation orders only.
+const TOL: f64 = 1e-9;
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch")
+}
+
+/// One fixture file: its tensors and its metadata.
+struct Fixture {
+    name: String,
+    tensors: HashMap<String, Tensor>,
+    meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    fn load(path: &Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let meta = metadata.metadata().clone().unwrap_or_default();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        Fixture {
+            name,
+            tensors,
+            meta,
+        }
+    }
+
+    fn get(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor `{key}`", self.name))
+    }
+
+    fn mode_train(&self) -> bool {
+        match self.meta.get("mode").map(String::as_str) {
+            Some("train") | None => true,
+            Some("eval") => false,
+            Some(m) => panic!("{}: unknown mode `{m}`", self.name),
+        }
+    }
+}
+
+/// One comparison's outcome.
+struct Check {
+    what: String,
+    abs: f64,
+    rel: f64,
+    ok: bool,
+    note: Option<String>,
+}
+
+/// Every comparison of one fixture.
+#[derive(Default)]
+struct Report {
+    checks: Vec<Check>,
+}
+
+impl Report {
+    /// Compares `got` with the reference `want`: same shape, max |got - want| within
+    /// `TOL * max(1, max |want|)`.
+    fn compare(&mut self, what: impl Into<String>, got: &Tensor, want: &Tensor) {
+        let what = what.into();
+        if got.dims() != want.dims() {
+            self.fail(
+                what,
+                format!("shape {:?}, reference {:?}", got.dims(), want.dims()),
+            );
+            return;
+        }
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f64>())
+        };
+        let (g, w) = match (flat(got), flat(want)) {
+            (Ok(g), Ok(w)) => (g, w),
+            (Err(e), _) | (_, Err(e)) => return self.fail(what, format!("cannot read: {e}")),
+        };
+        let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let mut abs = 0.0f64;
+        let mut at = 0;
+        let mut nan = false;
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                nan = true;
+            }
+            if d > abs {
+                abs = d;
+                at = i;
+            }
+        }
+        let rel = abs / scale;
+        let ok = !nan && rel <= TOL;
+        let note = (!ok).then(|| {
+            if nan {
+                "NaN".to_string()
+            } else {
+                format!(
+                    "worst at flat index {at} of {:?}: got {:e}, reference {:e}",
+                    want.dims(),
+                    g[at],
+                    w[at]
+                )
+            }
+        });
+        self.checks.push(Check {
+            what,
+            abs,
+            rel,
+            ok,
+            note,
+        });
+    }
+
+    fn fail(&mut self, what: impl Into<String>, note: impl Into<String>) {
+        self.checks.push(Check {
+            what: what.into(),
+            abs: f64::NAN,
+            rel: f64::NAN,
+            ok: false,
+            note: Some(note.into()),
+        });
+    }
+
+    fn worst(&self) -> (f64, f64) {
+        self.checks
+            .iter()
+            .filter(|c| c.ok)
+            .fold((0.0, 0.0), |(a, r), c| {
+                (f64::max(a, c.abs), f64::max(r, c.rel))
+            })
+    }
+}
+
+/// Runs a candle step; an error becomes a failed check and ends the case.
+macro_rules! try_or_fail {
+    ($report:expr, $what:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(err) => {
+                $report.fail($what, format!("{err}"));
+                return;
+            }
+        }
+    };
+}
+
+/// Compiles `path` (model `model`) and lowers it in float64.
+fn lower(path: &Path, model: Option<&str>) -> Result<Network, String> {
+    let compiled = compile(path, Select::One(model), &[]).map_err(|diags| {
+        diags
+            .iter()
+            .map(|d| d.render_plain(100))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    let model = compiled.models.first().ok_or("no model compiled")?;
+    Network::new(model, &Device::Cpu, DType::F64, Init::Torch, 0).map_err(|e| e.to_string())
+}
+
+/// Keys that are not parameters or buffers.
+fn is_data_key(key: &str) -> bool {
+    matches!(
+        key,
+        "input" | "target" | "output" | "output.eval" | "output.train" | "grad_output"
+    ) || key.starts_with("grad.")
+        || key.starts_with("after.")
+}
+
+/// Loads every parameter and buffer of the fixture into the network by name; the two sets of
+/// names must agree.
+fn load_state(net: &Network, fx: &Fixture, report: &mut Report) {
+    let fixture_keys: BTreeSet<&str> = fx
+        .tensors
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !is_data_key(k))
+        .collect();
+    let net_keys: BTreeSet<&str> = net
+        .state
+        .params
+        .keys()
+        .chain(net.state.buffers.keys())
+        .map(String::as_str)
+        .collect();
+    for k in fixture_keys.difference(&net_keys) {
+        report.fail(
+            format!("state {k}"),
+            "in the fixture, not in the lowered network",
+        );
+    }
+    for k in net_keys.difference(&fixture_keys) {
+        report.fail(
+            format!("state {k}"),
+            "in the lowered network, not in the fixture",
+        );
+    }
+    for (k, var) in net.state.params.iter().chain(net.state.buffers.iter()) {
+        if let Some(t) = fx.tensors.get(k) {
+            if var.dims() != t.dims() {
+                report.fail(
+                    format!("state {k}"),
+                    format!("network shape {:?}, fixture {:?}", var.dims(), t.dims()),
+                );
+            } else if let Err(e) = var.set(t) {
+                report.fail(format!("state {k}"), format!("cannot set: {e}"));
+            }
+        }
+    }
+}
+
+/// Snapshot of the buffers (values, not Vars that share storage).
+fn buffers_now(net: &Network) -> BTreeMap<String, Tensor> {
+    net.state
+        .buffers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect()
+}
+
+/// Forward in `train` mode on the fixture's input, compare with `output_key`; then (if
+/// `backward`) gradients of `sum(output * grad_output)` for the input and every parameter;
+/// then the buffers: in train mode against `after.<name>`, in eval mode unchanged.
+fn forward_backward(
+    net: &mut Network,
+    fx: &Fixture,
+    output_key: &str,
+    train: bool,
+    backward: bool,
+    report: &mut Report,
+) {
+    let tag = if train { "train" } else { "eval" };
+    let before = buffers_now(net);
+    let x = try_or_fail!(report, "input", Var::from_tensor(fx.get("input")));
+    let outs = try_or_fail!(
+        report,
+        format!("forward ({tag})"),
+        net.forward(&[x.as_tensor().clone()], train)
+    );
+    if outs.len() != 1 {
+        report.fail("outputs", format!("{} outputs, expected 1", outs.len()));
+        return;
+    }
+    let out = &outs[0];
+    report.compare(format!("{output_key} ({tag})"), out, fx.get(output_key));
+
+    // Running statistics.
+    for (k, var) in &net.state.buffers {
+        let after = format!("after.{k}");
+        if train {
+            match fx.tensors.get(&after) {
+                Some(want) => report.compare(after, var.as_tensor(), want),
+                None => report.fail(
+                    after,
+                    "buffer updated in train mode but the fixture has no value after",
+                ),
+            }
+        } else {
+            report.compare(format!("{k} unchanged (eval)"), var.as_tensor(), &before[k]);
+        }
+    }
+
+    if !backward {
+        return;
+    }
+    let loss = try_or_fail!(
+        report,
+        "loss",
+        out.mul(fx.get("grad_output")).and_then(|t| t.sum_all())
+    );
+    let grads = try_or_fail!(report, "backward", loss.backward());
+    match grads.get(x.as_tensor()) {
+        Some(g) => report.compare("grad.input", g, fx.get("grad.input")),
+        None => report.fail("grad.input", "no gradient"),
+    }
+    for (k, var) in &net.state.params {
+        let key = format!("grad.{k}");
+        let Some(want) = fx.tensors.get(&key) else {
+            report.fail(key, "parameter without a reference gradient");
+            continue;
+        };
+        match grads.get(var.as_tensor()) {
+            Some(g) => report.compare(key, g, want),
+            None => report.fail(key, "no gradient"),
+        }
+    }
+    for key in fx
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with("grad.") && *k != "grad.input")
+    {
+        if !net.state.params.contains_key(&key["grad.".len()..]) {
+            report.fail(key.clone(), "reference gradient of no network parameter");
+        }
+    }
+}
+
+/// A dlc argument value from a JSON config value.
+fn dlc_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => i.to_string(),
+            None => format!("{:?}", n.as_f64().unwrap()),
+        },
+        serde_json::Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(dlc_value).collect();
+            format!("({})", parts.join(", "))
+        }
+        other => panic!("config value {other} has no dlc form"),
+    }
+}
+
+/// The one-layer spec(s) for a per-op fixture: the op written from the config, and for
+/// `adaptive_avgpool` to 1x1 also `global_avgpool`, which must be the same.
+fn op_specs(fx: &Fixture) -> Vec<String> {
+    let config: serde_json::Value = serde_json::from_str(
+        fx.meta
+            .get("config")
+            .unwrap_or_else(|| panic!("{}: no config metadata", fx.name)),
+    )
+    .unwrap_or_else(|e| panic!("{}: config: {e}", fx.name));
+    let map = config
+        .as_object()
+        .unwrap_or_else(|| panic!("{}: config is not an object", fx.name));
+    let op = map["op"].as_str().unwrap();
+    let args: Vec<String> = map
+        .iter()
+        .filter(|(k, _)| *k != "op")
+        .map(|(k, v)| format!("{k}: {}", dlc_value(v)))
+        .collect();
+    let call = if args.is_empty() {
+        op.to_string()
+    } else {
+        format!("{op}({})", args.join(", "))
+    };
+    let mut calls = vec![call];
+    if op == "adaptive_avgpool" && map.get("size") == Some(&serde_json::json!([1, 1])) {
+        calls.push("global_avgpool".to_string());
+    }
+    let dims: Vec<String> = fx.get("input").dims()[1..]
+        .iter()
+        .map(usize::to_string)
+        .collect();
+    calls
+        .into_iter()
+        .map(|call| {
+            format!(
+                "model m {{\n    input x: [{}]\n    layer: {call}\n}}\n",
+                dims.join(", ")
+            )
+        })
+        .collect()
+}
+
+fn run_op(fx: &Fixture, report: &mut Report) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("torch_reference");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, spec) in op_specs(fx).into_iter().enumerate() {
+        let path = dir.join(format!("{}_{i}.dlc", fx.name));
+        std::fs::write(&path, &spec).unwrap();
+        let first_line = spec.lines().nth(2).unwrap().trim().to_string();
+        let mut sub = Report::default();
+        match lower(&path, Some("m")) {
+            Ok(mut net) => {
+                load_state(&net, fx, &mut sub);
+                forward_backward(&mut net, fx, "output", fx.mode_train(), true, &mut sub);
+            }
+            Err(e) => sub.fail("compile/lower", format!("{spec}\n{e}")),
+        }
+        for mut c in sub.checks {
+            c.what = format!("[{first_line}] {}", c.what);
+            report.checks.push(c);
+        }
+    }
+}
+
+fn run_cross_entropy(fx: &Fixture, report: &mut Report) {
+    let logits = try_or_fail!(report, "input", Var::from_tensor(fx.get("input")));
+    let target = try_or_fail!(report, "target", fx.get("target").to_dtype(DType::U32));
+    let loss = try_or_fail!(
+        report,
+        "cross_entropy",
+        candle_nn::loss::cross_entropy(logits.as_tensor(), &target)
+    );
+    report.compare("output", &loss, fx.get("output"));
+    let scaled = try_or_fail!(report, "loss", loss.mul(fx.get("grad_output")));
+    let grads = try_or_fail!(report, "backward", scaled.backward());
+    match grads.get(logits.as_tensor()) {
+        Some(g) => report.compare("grad.input", g, fx.get("grad.input")),
+        None => report.fail("grad.input", "no gradient"),
+    }
+}
+
+fn run_lenet(fx: &Fixture, report: &mut Report) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/lenet.dlc");
+    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("lenet")));
+    load_state(&net, fx, report);
+    forward_backward(&mut net, fx, "output", true, true, report);
+}
+
+fn run_basic_block(fx: &Fixture, report: &mut Report) {
+    let path = fixtures_dir().join("basic_block.dlc");
+    // Eval mode: running statistics used and left alone.
+    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("basic_block")));
+    load_state(&net, fx, report);
+    forward_backward(&mut net, fx, "output.eval", false, false, report);
+    // A fresh network: one train-mode step.
+    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("basic_block")));
+    load_state(&net, fx, report);
+    forward_backward(&mut net, fx, "output.train", true, true, report);
+}
+
+#[test]
+fn lowering_matches_pytorch() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no fixtures in {}",
+        fixtures_dir().display()
+    );
+
+    let mut failures = Vec::new();
+    let mut summary = Vec::new();
+    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
+    for path in &files {
+        let fx = Fixture::load(path);
+        let mut report = Report::default();
+        match fx.name.as_str() {
+            "op_cross_entropy" => run_cross_entropy(&fx, &mut report),
+            "lenet" => run_lenet(&fx, &mut report),
+            "basic_block" => run_basic_block(&fx, &mut report),
+            n if n.starts_with("op_") => run_op(&fx, &mut report),
+            n => report.fail(
+                "dispatch",
+                format!("no test handles fixture `{n}`: add it to tests/torch_reference.rs"),
+            ),
+        }
+        if report.checks.is_empty() {
+            report.fail("dispatch", "no comparison made");
+        }
+        let (a, r) = report.worst();
+        worst_abs = worst_abs.max(a);
+        worst_rel = worst_rel.max(r);
+        let bad: Vec<&Check> = report.checks.iter().filter(|c| !c.ok).collect();
+        summary.push(format!(
+            "{:<28} {:>4} {:>3} checks, worst passing abs {a:.2e} rel {r:.2e}",
+            fx.name,
+            if bad.is_empty() { "ok" } else { "FAIL" },
+            report.checks.len(),
+        ));
+        for c in bad {
+            failures.push(format!(
+                "{}: {}: abs {:.3e}, rel {:.3e}{}",
+                fx.name,
+                c.what,
+                c.abs,
+                c.rel,
+                c.note
+                    .as_ref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    summary.push(format!("{} fixtures; worst passing error abs {worst_abs:.2e}, rel {worst_rel:.2e} (tolerance {TOL:e})", files.len()));
+    println!("{}", summary.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} comparison(s) with PyTorch failed:\n{}\n\nsummary:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        summary.join("\n")
+    );
+}
