@@ -41,6 +41,8 @@
 //! - `--breakdown`: also a table of forward (+ loss) / backward / optimiser medians
 //!   [DLC_BENCH_BREAKDOWN=1]. For a profile of one column:
 //!   `perf record -g target/release/deps/train_step-<hash> lenet --only dlc --steps 30`
+//! - `--layers`: also dlc's layers one by one, forward and backward, each alone on the
+//!   activations of the real forward pass, summed by op [DLC_BENCH_LAYERS=1]
 //! - `--threads N`: PyTorch's thread count [DLC_BENCH_THREADS]; default the number of cores
 //!   (candle's pool follows `RAYON_NUM_THREADS`, else the number of cores)
 
@@ -53,6 +55,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Conv2dConfig, Optimizer as _, VarBuilder, VarMap};
+use dlc::elaborate::Model;
 use dlc::lower::{Init, Network};
 use dlc::session::{Select, compile};
 use dlc::train::optim::{Optimizer, Stepper};
@@ -125,6 +128,7 @@ struct Opts {
     rounds: Option<usize>,
     warmup: usize,
     breakdown: bool,
+    layers: bool,
     dlc: bool,
     candle: bool,
     torch: bool,
@@ -135,7 +139,7 @@ struct Opts {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench train_step -- [lenet|resnet|all]... [--steps N] [--rounds N] \
-         [--warmup N] [--only dlc,candle,torch] [--no-torch] [--breakdown] [--threads N]"
+         [--warmup N] [--only dlc,candle,torch] [--no-torch] [--breakdown] [--layers] [--threads N]"
     );
     std::process::exit(2)
 }
@@ -176,6 +180,7 @@ fn parse_opts() -> Opts {
             .map(|v| num("DLC_BENCH_WARMUP", &v))
             .unwrap_or(2),
         breakdown: env("DLC_BENCH_BREAKDOWN").is_some_and(|v| v != "0"),
+        layers: env("DLC_BENCH_LAYERS").is_some_and(|v| v != "0"),
         dlc: true,
         candle: true,
         torch: true,
@@ -217,6 +222,7 @@ fn parse_opts() -> Opts {
             "--only" => parse_only(&value("--only"), &mut o),
             "--no-torch" => o.torch = false,
             "--breakdown" => o.breakdown = true,
+            "--layers" => o.layers = true,
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => {
                 eprintln!("unknown option `{s}`");
@@ -312,6 +318,7 @@ fn run_steps(
 // (a) dlc
 
 struct DlcTrainer {
+    model: Model,
     net: Network,
     stepper: Stepper,
 }
@@ -327,8 +334,8 @@ impl DlcTrainer {
                 d.first()
             )
         });
-        let model = &compiled.models[0];
-        let net = Network::new(model, &Device::Cpu, DType::F32, Init::Torch, SEED)?;
+        let model = compiled.models.into_iter().next().expect("one model");
+        let net = Network::new(&model, &Device::Cpu, DType::F32, Init::Torch, SEED)?;
         let sgd = Optimizer::Sgd {
             lr: LR,
             momentum: 0.0,
@@ -336,8 +343,163 @@ impl DlcTrainer {
             nesterov: false,
         };
         let stepper = Stepper::new(sgd, &net.state.params);
-        Ok(DlcTrainer { net, stepper })
+        Ok(DlcTrainer {
+            model,
+            net,
+            stepper,
+        })
     }
+
+    /// Every layer timed alone, forward and backward, through the same `dlc::lower` functions
+    /// that `Network` calls, on the activations the real forward pass produces (inputs are
+    /// variables, so their gradients are computed, except the network's input, as in the real
+    /// backward). Rows in graph order with medians over `reps`, and the loss last. `None` if
+    /// the net has an op this profile does not know.
+    fn layer_profile(
+        &self,
+        x: &Tensor,
+        labels: &Tensor,
+        reps: usize,
+    ) -> Result<Option<Vec<LayerRow>>> {
+        use dlc::ops::Op;
+        let g = &self.model.graph;
+        let params = &self.net.state.params;
+        let tensor = |name: &str| params.get(name).map(|v| v.as_tensor().clone());
+        let mut rows = Vec::new();
+        // Each node's output, and whether it is the network's input (no gradient wanted).
+        let mut values: Vec<Option<(Tensor, bool)>> = vec![None; g.dag.node_count()];
+        let mut last = None;
+        for idx in g.dag.node_indices() {
+            let node = &g.dag[idx];
+            let ins: Vec<(Tensor, bool)> = g
+                .inputs_of(idx)
+                .iter()
+                .filter_map(|o| values[o.node.index()].clone())
+                .collect();
+            match node.op {
+                Op::Input(_) => {
+                    values[idx.index()] = Some((x.clone(), true));
+                    continue;
+                }
+                Op::Output => {
+                    last = ins.first().map(|v| v.0.clone());
+                    values[idx.index()] = ins.into_iter().next();
+                    continue;
+                }
+                _ => {}
+            }
+            let name = node.name.clone();
+            let (w, b) = (
+                tensor(&format!("{name}.weight")),
+                tensor(&format!("{name}.bias")),
+            );
+            let op = node.op.clone();
+            let f = |xs: &[Tensor]| -> Result<Tensor> {
+                let x = &xs[0];
+                match &op {
+                    Op::Conv(c) => dlc::lower::conv::conv2d(x, w.as_ref().unwrap(), b.as_ref(), c),
+                    Op::Linear(_) => dlc::lower::linear::linear(x, w.as_ref().unwrap(), b.as_ref()),
+                    Op::Activation(a) => dlc::lower::activation::activate(x, *a),
+                    Op::Pool(p) => dlc::lower::pool::pool2d(x, p),
+                    Op::AdaptiveAvgPool(p) => dlc::lower::pool::adaptive_avg_pool2d(
+                        x,
+                        (p.size.0 as usize, p.size.1 as usize),
+                    ),
+                    Op::Flatten(fl) => x.flatten_from(fl.start),
+                    Op::BatchNorm(bn) => Ok(dlc::lower::norm::batch_norm_train(
+                        x,
+                        w.as_ref().unwrap(),
+                        b.as_ref().unwrap(),
+                        bn.eps,
+                    )?
+                    .0),
+                    Op::Add => xs[1..].iter().try_fold(x.clone(), |acc, t| acc + t),
+                    _ => candle_core::bail!("unsupported"),
+                }
+            };
+            let kind = match &node.op {
+                Op::Conv(c) => format!("conv {}×{}", c.kernel.0, c.kernel.1),
+                Op::Activation(a) => format!("{a:?}").to_lowercase(),
+                Op::Pool(p) => p.name().to_string(),
+                other => format!("{other:?}")
+                    .split(['(', ' ', '{'])
+                    .next()
+                    .unwrap_or("?")
+                    .to_lowercase(),
+            };
+            let args: Vec<Tensor> = ins
+                .iter()
+                .map(|(t, is_input)| {
+                    if *is_input {
+                        Ok(t.clone())
+                    } else {
+                        Ok(Var::from_tensor(t)?.as_tensor().clone())
+                    }
+                })
+                .collect::<Result<_>>()?;
+            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+            let mut out = None;
+            for i in 0..reps + 1 {
+                let t0 = Instant::now();
+                let y = match f(&args) {
+                    Ok(y) => y,
+                    Err(_) => return Ok(None),
+                };
+                let t1 = Instant::now();
+                let grads = y.backward()?;
+                let t2 = Instant::now();
+                drop(grads);
+                if i > 0 {
+                    fwd.push((t1 - t0).as_secs_f64() * 1e3);
+                    bwd.push((t2 - t1).as_secs_f64() * 1e3);
+                }
+                out = Some(y.detach());
+            }
+            let out = out.expect("reps ran");
+            rows.push(LayerRow {
+                name,
+                op: kind,
+                shape: format!("{:?}", out.dims()),
+                forward: median(&fwd),
+                backward: median(&bwd),
+            });
+            values[idx.index()] = Some((out, false));
+        }
+        // The loss on the logits.
+        let Some(logits) = last else { return Ok(None) };
+        let logits = Var::from_tensor(&logits)?.as_tensor().clone();
+        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+        for i in 0..reps + 1 {
+            let t0 = Instant::now();
+            let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+            let _ = loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            drop(grads);
+            if i > 0 {
+                fwd.push((t1 - t0).as_secs_f64() * 1e3);
+                bwd.push((t2 - t1).as_secs_f64() * 1e3);
+            }
+        }
+        rows.push(LayerRow {
+            name: "loss".into(),
+            op: "cross_entropy".into(),
+            shape: "[]".into(),
+            forward: median(&fwd),
+            backward: median(&bwd),
+        });
+        Ok(Some(rows))
+    }
+}
+
+/// One layer's timings, from [`DlcTrainer::layer_profile`].
+struct LayerRow {
+    name: String,
+    op: String,
+    shape: String,
+    forward: f64,
+    backward: f64,
 }
 
 impl Trainer for DlcTrainer {
@@ -726,6 +888,10 @@ const COLUMNS: [(&str, &str); 3] = [
 ];
 
 fn main() -> Result<()> {
+    if std::env::var("DLC_EXPERIMENT").is_ok() {
+        experiment()?;
+        return Ok(());
+    }
     let o = parse_opts();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -745,6 +911,7 @@ fn main() -> Result<()> {
     }
     let mut torch_version: Option<String> = None;
     let mut rows: Vec<(Net, usize, usize, HashMap<&'static str, Timings>)> = Vec::new();
+    let mut layer_tables: Vec<(Net, usize, Vec<LayerRow>)> = Vec::new();
     for &net in &o.nets {
         let steps = o.steps.unwrap_or(net.default_steps()).max(1);
         let rounds = o.rounds.unwrap_or(5).clamp(1, steps);
@@ -761,16 +928,24 @@ fn main() -> Result<()> {
                 net.title()
             ),
         };
-        let mut trainers: Vec<(&'static str, Box<dyn Trainer>)> = Vec::new();
+        let mut dlc_trainer = None;
+        let mut candle_trainer = None;
         if o.dlc {
             let t = DlcTrainer::new(net)?;
             agree("dlc", t.net.state.param_count());
-            trainers.push(("dlc", Box::new(t)));
+            dlc_trainer = Some(t);
         }
         if o.candle {
             let t = CandleTrainer::new(net)?;
             agree("candle-nn", t.params);
-            trainers.push(("candle", Box::new(t)));
+            candle_trainer = Some(t);
+        }
+        let mut trainers: Vec<(&'static str, &mut dyn Trainer)> = Vec::new();
+        if let Some(t) = dlc_trainer.as_mut() {
+            trainers.push(("dlc", t));
+        }
+        if let Some(t) = candle_trainer.as_mut() {
+            trainers.push(("candle", t));
         }
         let mut torch = None;
         if torch_enabled {
@@ -800,14 +975,7 @@ fn main() -> Result<()> {
                 net.title(),
                 o.warmup
             );
-            run_steps(
-                t.as_mut(),
-                &x,
-                &y,
-                o.warmup,
-                cols.entry(*k).or_default(),
-                false,
-            )?;
+            run_steps(*t, &x, &y, o.warmup, cols.entry(*k).or_default(), false)?;
         }
         // Rounds interleave the columns, so that a change in the machine's load hits all of them.
         for r in 0..rounds {
@@ -818,17 +986,34 @@ fn main() -> Result<()> {
                 r + 1
             );
             for (k, t) in trainers.iter_mut() {
-                run_steps(t.as_mut(), &x, &y, n, cols.entry(*k).or_default(), true)?;
+                run_steps(*t, &x, &y, n, cols.entry(*k).or_default(), true)?;
             }
-            if let Some(s) = torch.as_mut() {
-                if let Err(why) = s.steps(n, cols.entry("torch").or_default()) {
-                    println!("PyTorch column left out: {why}");
-                    torch = None;
-                    cols.remove("torch");
-                }
+            if let Some(s) = torch.as_mut()
+                && let Err(why) = s.steps(n, cols.entry("torch").or_default())
+            {
+                println!("PyTorch column left out: {why}");
+                torch = None;
+                cols.remove("torch");
             }
         }
         drop(torch);
+        drop(trainers);
+        if o.layers {
+            match dlc_trainer.as_ref() {
+                Some(t) => {
+                    eprintln!("{}: dlc layer by layer ...", net.title());
+                    let reps = if net == Net::Lenet { 5 } else { 2 };
+                    match t.layer_profile(&x, &y, reps)? {
+                        Some(rows) => layer_tables.push((net, reps, rows)),
+                        None => println!(
+                            "{}: --layers met an op it does not know (skipped)",
+                            net.title()
+                        ),
+                    }
+                }
+                None => println!("--layers needs the dlc column"),
+            }
+        }
         rows.push((net, steps, p, cols));
     }
     let end_load = loadavg();
@@ -900,6 +1085,99 @@ fn main() -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    for (net, reps, layers) in &layer_tables {
+        let total: f64 = layers.iter().map(|l| l.forward + l.backward).sum();
+        let share = |t: f64| 100.0 * t / total;
+        println!();
+        println!(
+            "{}, dlc layer by layer: each op timed alone (median of {reps}) on the real activations, \
+             backward from that op's output; sum over layers {total:.1} ms.",
+            net.title()
+        );
+        let mut by_op: Vec<(String, usize, f64, f64)> = Vec::new();
+        for l in layers {
+            match by_op.iter_mut().find(|o| o.0 == l.op) {
+                Some(o) => {
+                    o.1 += 1;
+                    o.2 += l.forward;
+                    o.3 += l.backward;
+                }
+                None => by_op.push((l.op.clone(), 1, l.forward, l.backward)),
+            }
+        }
+        by_op.sort_by(|a, b| (b.2 + b.3).total_cmp(&(a.2 + a.3)));
+        println!();
+        println!("| op | layers | forward ms | backward ms | share of sum |");
+        println!("|---|---:|---:|---:|---:|");
+        for (op, n, f, b) in &by_op {
+            println!("| {op} | {n} | {f:.1} | {b:.1} | {:.1}% |", share(f + b));
+        }
+        let mut top: Vec<&LayerRow> = layers.iter().collect();
+        top.sort_by(|a, b| (b.forward + b.backward).total_cmp(&(a.forward + a.backward)));
+        top.truncate(15);
+        println!();
+        println!(
+            "| layer (top {}) | op | output | forward ms | backward ms | share of sum |",
+            top.len()
+        );
+        println!("|---|---|---|---:|---:|---:|");
+        for l in top {
+            println!(
+                "| {} | {} | {} | {:.2} | {:.2} | {:.1}% |",
+                l.name,
+                l.op,
+                l.shape,
+                l.forward,
+                l.backward,
+                share(l.forward + l.backward)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn experiment() -> Result<()> {
+    use dlc::ops::conv::Conv2d as C;
+    let dev = Device::Cpu;
+    let time = |label: &str, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+        let (mut fw, mut bw) = (vec![], vec![]);
+        for i in 0..6 {
+            let t0 = Instant::now();
+            let y = f()?;
+            let t1 = Instant::now();
+            let g = y.backward()?;
+            let t2 = Instant::now();
+            drop(g);
+            if i > 0 { fw.push((t1 - t0).as_secs_f64() * 1e3); bw.push((t2 - t1).as_secs_f64() * 1e3); }
+        }
+        println!("{label}: fwd {:.1} bwd {:.1}", median(&fw), median(&bw));
+        Ok(())
+    };
+    for (n, cin, cout, h, k, p, xvar) in [(256usize, 1usize, 6usize, 28usize, 5usize, 2usize, false), (32, 64, 64, 24, 3, 1, true), (32, 256, 256, 6, 3, 1, true)] {
+        let x = Tensor::randn(0f32, 1., (n, cin, h, h), &dev)?;
+        let x = if xvar { Var::from_tensor(&x)?.as_tensor().clone() } else { x };
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(cout, DType::F32, &dev)?)?;
+        let cfg = C { out: cout as u64, kernel: (k as u64, k as u64), stride: (1, 1), pad: (p as u64, p as u64), dilation: (1, 1), groups: 1, bias: true };
+        for _ in 0..2 {
+        time(&format!("dlc conv {n}x{cin}x{h} k{k} p{p} -> {cout}"), &|| dlc::lower::conv::conv2d(&x, w.as_tensor(), Some(b.as_tensor()), &cfg))?;
+        time(&format!("candle conv pad-in-conv"), &|| x.conv2d(w.as_tensor(), p, 1, 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1))?))?;
+        time(&format!("dlc-style pad, no bias"), &|| x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(w.as_tensor(), 0, 1, 1, 1))?;
+        time(&format!("candle conv no bias"), &|| x.conv2d(w.as_tensor(), p, 1, 1, 1))?;
+        }
+    }
+    for (n, c, h) in [(32usize, 64usize, 48usize), (32, 256, 6)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, h), &dev)?)?.as_tensor().clone();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let bn = candle_nn::batch_norm(c, 1e-5, vb)?;
+        let w = Var::from_tensor(&Tensor::ones(c, DType::F32, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(c, DType::F32, &dev)?)?;
+        for _ in 0..2 {
+        time(&format!("dlc bn {n}x{c}x{h}"), &|| Ok(dlc::lower::norm::batch_norm_train(&x, w.as_tensor(), b.as_tensor(), 1e-5)?.0))?;
+        time(&format!("candle-nn bn"), &|| bn.forward_t(&x, true))?;
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ use dlc::session::{Select, compile};
 use dlc::train::{self, config};
 use image::{GrayImage, ImageFormat, RgbImage};
 
-const SPEC: &str = "specs/lenet.dlc";
+const SPEC: &str = "specs/lenet_bn.dlc";
 const MODEL: &str = "lenet_bn_relu";
 const SUBSET: &str = "data/fashion-mnist-subset";
 
@@ -317,10 +317,10 @@ fn predict_classifies_png_and_jpeg_like_the_library() {
         text(&no_ckpt)
     );
 
-    // A checkpoint of another model of the spec does not fit.
+    // A checkpoint of another model (the sigmoid LeNet of specs/lenet.dlc) does not fit.
     let wrong = dlc(&[
         "predict",
-        SPEC,
+        "specs/lenet.dlc",
         "--model",
         "lenet",
         "--weights",
@@ -332,6 +332,23 @@ fn predict_classifies_png_and_jpeg_like_the_library() {
         String::from_utf8_lossy(&wrong.stderr).contains("dlc::checkpoint"),
         "{}",
         text(&wrong)
+    );
+
+    // Another model whose layers happen to fit loads, with a warning naming the trained one.
+    let other = dlc(&[
+        "predict",
+        SPEC,
+        "--model",
+        "d2l_bn_lenet",
+        "--weights",
+        s(&ckpt),
+        s(&png),
+    ]);
+    assert!(other.status.success(), "{}", text(&other));
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("trained as `lenet_bn_relu`"),
+        "{}",
+        text(&other)
     );
 
     for out in [&missing, &undecodable, &broken, &bad_ckpt, &no_ckpt, &wrong] {

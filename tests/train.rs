@@ -34,7 +34,7 @@ fn train(out: &Path, extra: &[&str]) -> Output {
     let out = out.to_str().expect("utf-8");
     let mut args = vec![
         "train",
-        "specs/lenet.dlc",
+        "specs/lenet_bn.dlc",
         "--model",
         "lenet_bn_relu",
         "--data",
@@ -92,7 +92,7 @@ fn train_resume_and_evaluate() {
     let ckpt = out.join("model.safetensors");
     let eval = dlc(&[
         "eval",
-        "specs/lenet.dlc",
+        "specs/lenet_bn.dlc",
         "--model",
         "lenet_bn_relu",
         "--data",

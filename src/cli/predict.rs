@@ -31,7 +31,7 @@ converted to the model's input channels (RGB to grey with ITU-R BT.601 luma for 
 grey replicated for 3-channel ones), resized bilinearly to the input's H×W, scaled to [0, 1] and \
 normalised as in training.\n\nFashion-MNIST images are white on black: the garment is bright on a \
 dark background. A photo of a dark object on a light background must be inverted first (dlc does \
-not invert automatically).\n\nExample:\n  dlc predict specs/lenet.dlc --model lenet_bn_relu \
+not invert automatically).\n\nExample:\n  dlc predict specs/lenet_bn.dlc --model lenet_bn_relu \
 --weights runs/lenet/model.safetensors --top 3 shoe.png"
 )]
 pub struct PredictArgs {
@@ -385,6 +385,11 @@ fn json(
         .map(|(input, p)| {
             let order = ranking(&p.probs);
             let best = order[0];
+            let top: Vec<_> = order
+                .iter()
+                .take(top)
+                .map(|&k| json!({"index": k, "class": names[k], "probability": p.probs[k]}))
+                .collect();
             json!({
                 "image": input.path.display().to_string(),
                 "width": input.size.0,
@@ -393,7 +398,7 @@ fn json(
                 "predicted": best,
                 "class": names[best],
                 "probability": p.probs[best],
-                "top": order.iter().take(top).map(|&k| json!({"index": k, "class": names[k], "probability": p.probs[k]})).collect::<Vec<_>>(),
+                "top": top,
                 "probabilities": p.probs,
                 "logits": p.logits,
             })
