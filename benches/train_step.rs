@@ -888,10 +888,6 @@ const COLUMNS: [(&str, &str); 3] = [
 ];
 
 fn main() -> Result<()> {
-    if std::env::var("DLC_EXPERIMENT").is_ok() {
-        experiment()?;
-        return Ok(());
-    }
     let o = parse_opts();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -1133,51 +1129,6 @@ fn main() -> Result<()> {
                 l.backward,
                 share(l.forward + l.backward)
             );
-        }
-    }
-    Ok(())
-}
-
-fn experiment() -> Result<()> {
-    use dlc::ops::conv::Conv2d as C;
-    let dev = Device::Cpu;
-    let time = |label: &str, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
-        let (mut fw, mut bw) = (vec![], vec![]);
-        for i in 0..6 {
-            let t0 = Instant::now();
-            let y = f()?;
-            let t1 = Instant::now();
-            let g = y.backward()?;
-            let t2 = Instant::now();
-            drop(g);
-            if i > 0 { fw.push((t1 - t0).as_secs_f64() * 1e3); bw.push((t2 - t1).as_secs_f64() * 1e3); }
-        }
-        println!("{label}: fwd {:.1} bwd {:.1}", median(&fw), median(&bw));
-        Ok(())
-    };
-    for (n, cin, cout, h, k, p, xvar) in [(256usize, 1usize, 6usize, 28usize, 5usize, 2usize, false), (32, 64, 64, 24, 3, 1, true), (32, 256, 256, 6, 3, 1, true)] {
-        let x = Tensor::randn(0f32, 1., (n, cin, h, h), &dev)?;
-        let x = if xvar { Var::from_tensor(&x)?.as_tensor().clone() } else { x };
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::zeros(cout, DType::F32, &dev)?)?;
-        let cfg = C { out: cout as u64, kernel: (k as u64, k as u64), stride: (1, 1), pad: (p as u64, p as u64), dilation: (1, 1), groups: 1, bias: true };
-        for _ in 0..2 {
-        time(&format!("dlc conv {n}x{cin}x{h} k{k} p{p} -> {cout}"), &|| dlc::lower::conv::conv2d(&x, w.as_tensor(), Some(b.as_tensor()), &cfg))?;
-        time(&format!("candle conv pad-in-conv"), &|| x.conv2d(w.as_tensor(), p, 1, 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1))?))?;
-        time(&format!("dlc-style pad, no bias"), &|| x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(w.as_tensor(), 0, 1, 1, 1))?;
-        time(&format!("candle conv no bias"), &|| x.conv2d(w.as_tensor(), p, 1, 1, 1))?;
-        }
-    }
-    for (n, c, h) in [(32usize, 64usize, 48usize), (32, 256, 6)] {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, h), &dev)?)?.as_tensor().clone();
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let bn = candle_nn::batch_norm(c, 1e-5, vb)?;
-        let w = Var::from_tensor(&Tensor::ones(c, DType::F32, &dev)?)?;
-        let b = Var::from_tensor(&Tensor::zeros(c, DType::F32, &dev)?)?;
-        for _ in 0..2 {
-        time(&format!("dlc bn {n}x{c}x{h}"), &|| Ok(dlc::lower::norm::batch_norm_train(&x, w.as_tensor(), b.as_tensor(), 1e-5)?.0))?;
-        time(&format!("candle-nn bn"), &|| bn.forward_t(&x, true))?;
         }
     }
     Ok(())

@@ -3,11 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{DType, Device};
 use clap::Args;
 use dlc::data;
-use dlc::lower::{Init, Network};
-use dlc::session::{Select, compile};
 use dlc::train::{self, config};
 
 use super::ModelArgs;
@@ -40,28 +37,16 @@ pub fn run(args: EvalArgs) -> ExitCode {
     if let Some(n) = args.threads {
         super::set_threads(n);
     }
-    let compiled = match compile(
-        &args.file,
-        Select::One(args.model.model.as_deref()),
-        &args.model.sets,
-    ) {
+    let compiled = match super::compile_one(&args.file, &args.model) {
         Ok(c) => c,
-        Err(diags) => return super::report(diags),
+        Err(code) => return code,
     };
     let model = &compiled.models[0];
     let result = (|| {
         let (shape, classes) = train::classifier_shape(model)?;
         let recipe =
             config::recipe(model, &config::Overrides::default()).map_err(|mut d| d.remove(0))?;
-        let mut net =
-            Network::new(model, &Device::Cpu, DType::F32, Init::Torch, 0).map_err(|e| {
-                dlc::diagnostics::Diag::new(
-                    "dlc::runtime",
-                    format!("cannot build the network: {e}"),
-                )
-                .help("please report this bug")
-            })?;
-        train::load_weights(&mut net, &args.weights)?;
+        let (mut net, _) = train::inference_network(model, &args.weights)?;
         let (_, test, source) = data::fashion_mnist(args.data.as_deref())?;
         eprintln!("data: {source}");
         let eval = train::evaluate(

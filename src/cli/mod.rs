@@ -110,6 +110,19 @@ fn timestamp() -> String {
     )
 }
 
+/// Compiles the one model a subcommand works on, or prints why it cannot.
+fn compile_one(
+    file: &std::path::Path,
+    model: &ModelArgs,
+) -> Result<dlc::session::Compiled, ExitCode> {
+    dlc::session::compile(
+        file,
+        dlc::session::Select::One(model.model.as_deref()),
+        &model.sets,
+    )
+    .map_err(report)
+}
+
 /// Writes to stdout; a closed pipe (`dlc params ... | head`) ends the program quietly.
 fn emit(text: &str) {
     use std::io::Write;

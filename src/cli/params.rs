@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use dlc::report;
-use dlc::session::{Select, compile};
 
 use super::ModelArgs;
 
@@ -37,13 +36,9 @@ pub struct ParamsArgs {
 
 /// Prints the table (or JSON) of the chosen model.
 pub fn run(args: ParamsArgs) -> ExitCode {
-    let compiled = match compile(
-        &args.file,
-        Select::One(args.model.model.as_deref()),
-        &args.model.sets,
-    ) {
+    let compiled = match super::compile_one(&args.file, &args.model) {
         Ok(c) => c,
-        Err(diags) => return super::report(diags),
+        Err(code) => return code,
     };
     for m in &compiled.models {
         match args.format {

@@ -14,7 +14,6 @@ use clap::{Args, ValueEnum};
 use dlc::data::{self, Dataset, Transform};
 use dlc::diagnostics::Diag;
 use dlc::lower::{Init, Network};
-use dlc::session::{Select, compile};
 use dlc::train::{self, checkpoint, config};
 use serde_json::json;
 
@@ -81,13 +80,9 @@ struct Prediction {
 
 /// Classifies the images and prints the most likely classes.
 pub fn run(args: PredictArgs) -> ExitCode {
-    let compiled = match compile(
-        &args.file,
-        Select::One(args.model.model.as_deref()),
-        &args.model.sets,
-    ) {
+    let compiled = match super::compile_one(&args.file, &args.model) {
         Ok(c) => c,
-        Err(diags) => return super::report(diags),
+        Err(code) => return code,
     };
     let model = &compiled.models[0];
     let attach = |d: Diag| compiled.program.sources.attach(d);
@@ -101,11 +96,7 @@ pub fn run(args: PredictArgs) -> ExitCode {
     };
     let mut net = match Network::new(model, &Device::Cpu, DType::F32, Init::Torch, 0) {
         Ok(n) => n,
-        Err(e) => {
-            let d = Diag::new("dlc::runtime", format!("cannot build the network: {e}"))
-                .help("please report this bug");
-            return super::report(vec![d]);
-        }
+        Err(e) => return super::report(vec![train::runtime_error(e)]),
     };
     // Every problem at once: the checkpoint and each image.
     let mut problems = Vec::new();
@@ -264,11 +255,6 @@ fn preprocess(
     Ok(data::make_batch(&one, &[0], transform)?.images)
 }
 
-fn fail(e: candle_core::Error) -> Diag {
-    Diag::new("dlc::runtime", format!("the network failed to run: {e}"))
-        .help("this is a bug in dlc if `dlc check` accepts the model; please report it")
-}
-
 /// Runs the network in inference mode; softmax in f64 on the logits.
 fn predict(
     net: &mut Network,
@@ -281,12 +267,16 @@ fn predict(
             .iter()
             .flat_map(|i| i.values.iter().copied())
             .collect();
-        let x = Tensor::from_vec(values, (chunk.len(), c, h, w), &Device::Cpu).map_err(fail)?;
-        let logits = net.forward(&[x], false).map_err(fail)?.remove(0);
+        let x = Tensor::from_vec(values, (chunk.len(), c, h, w), &Device::Cpu)
+            .map_err(train::runtime_error)?;
+        let logits = net
+            .forward(&[x], false)
+            .map_err(train::runtime_error)?
+            .remove(0);
         let logits = logits
             .to_dtype(DType::F32)
             .and_then(|l| l.to_vec2::<f32>())
-            .map_err(fail)?;
+            .map_err(train::runtime_error)?;
         out.extend(logits.into_iter().map(|logits| Prediction {
             probs: softmax(&logits),
             logits,

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use dlc::session::{Select, compile};
 use dlc::train::{self, RunOptions, config};
 
 use super::ModelArgs;
@@ -53,13 +52,9 @@ pub fn run(args: TrainArgs) -> ExitCode {
     if let Some(n) = args.threads {
         super::set_threads(n);
     }
-    let compiled = match compile(
-        &args.file,
-        Select::One(args.model.model.as_deref()),
-        &args.model.sets,
-    ) {
+    let compiled = match super::compile_one(&args.file, &args.model) {
         Ok(c) => c,
-        Err(diags) => return super::report(diags),
+        Err(code) => return code,
     };
     let model = &compiled.models[0];
     let overrides = config::Overrides {

@@ -36,7 +36,8 @@ pub struct RunOptions {
     pub spec_hash: String,
 }
 
-fn fail(e: candle_core::Error) -> Diag {
+/// A failure inside the lowered network (a bug in dlc once `dlc check` accepted the model).
+pub fn runtime_error(e: candle_core::Error) -> Diag {
     Diag::new("dlc::runtime", format!("the network failed to run: {e}"))
         .help("this is a bug in dlc if `dlc check` accepts the model; please report it")
 }
@@ -136,17 +137,17 @@ pub fn evaluate(
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut loss_sum = 0.0;
     for b in Batches::new(data, batch, Order::Sequential, transform)? {
-        let (x, y) = tensors(b, &device).map_err(fail)?;
-        let logits = net.forward(&[x], false).map_err(fail)?.remove(0);
+        let (x, y) = tensors(b, &device).map_err(runtime_error)?;
+        let logits = net.forward(&[x], false).map_err(runtime_error)?.remove(0);
         let loss = candle_nn::loss::cross_entropy(&logits, &y)
             .and_then(|l| l.to_scalar::<f32>())
-            .map_err(fail)?;
+            .map_err(runtime_error)?;
         loss_sum += loss as f64 * y.dim(0).unwrap_or(0) as f64;
         let pred = logits
             .argmax(D::Minus1)
             .and_then(|p| p.to_vec1::<u32>())
-            .map_err(fail)?;
-        let truth = y.to_vec1::<u32>().map_err(fail)?;
+            .map_err(runtime_error)?;
+        let truth = y.to_vec1::<u32>().map_err(runtime_error)?;
         for (p, t) in pred.iter().zip(&truth) {
             confusion[*t as usize][(*p as usize).min(classes - 1)] += 1;
         }
@@ -196,8 +197,8 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
         .help("choose another --out folder")
     })?;
     let device = Device::Cpu;
-    let mut net =
-        Network::new(model, &device, DType::F32, recipe.init, recipe.seed).map_err(fail)?;
+    let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
+        .map_err(runtime_error)?;
     let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.params);
     let mut history: Vec<EpochStats> = Vec::new();
     let model_path = opts.out.join("model.safetensors");
@@ -224,11 +225,11 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
             epoch: epoch as u64,
         };
         for (step, b) in Batches::new(&train_set, recipe.batch, order, &tf)?.enumerate() {
-            let (x, y) = tensors(b, &device).map_err(fail)?;
+            let (x, y) = tensors(b, &device).map_err(runtime_error)?;
             let n = y.dim(0).unwrap_or(0) as u64;
-            let logits = net.forward(&[x], true).map_err(fail)?.remove(0);
-            let loss = candle_nn::loss::cross_entropy(&logits, &y).map_err(fail)?;
-            let loss_value = loss.to_scalar::<f32>().map_err(fail)? as f64;
+            let logits = net.forward(&[x], true).map_err(runtime_error)?.remove(0);
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).map_err(runtime_error)?;
+            let loss_value = loss.to_scalar::<f32>().map_err(runtime_error)? as f64;
             if !loss_value.is_finite() {
                 bar.abandon();
                 return Err(Diag::new("dlc::diverged", format!("the loss became {loss_value} at epoch {}, step {}", epoch + 1, step + 1))
@@ -237,18 +238,19 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
                         opts.out.display()
                     )));
             }
-            let mut grads = loss.backward().map_err(fail)?;
+            let mut grads = loss.backward().map_err(runtime_error)?;
             if let Some(max_norm) = recipe.clip {
-                optim::clip_grad_norm(&mut grads, &net.state.params, max_norm).map_err(fail)?;
+                optim::clip_grad_norm(&mut grads, &net.state.params, max_norm)
+                    .map_err(runtime_error)?;
             }
-            stepper.step(&grads, lr).map_err(fail)?;
-            let pred = logits.argmax(D::Minus1).map_err(fail)?;
+            stepper.step(&grads, lr).map_err(runtime_error)?;
+            let pred = logits.argmax(D::Minus1).map_err(runtime_error)?;
             correct += pred
                 .eq(&y)
                 .and_then(|m| m.to_dtype(DType::U32))
                 .and_then(|m| m.sum_all())
                 .and_then(|s| s.to_scalar::<u32>())
-                .map_err(fail)? as u64;
+                .map_err(runtime_error)? as u64;
             loss_sum += loss_value * n as f64;
             seen += n;
             let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -359,6 +361,24 @@ fn resume(
     stepper.state = optim.tensors.into_iter().collect();
     let history = metrics::read(&opts.out)?;
     Ok(history.into_iter().take(epoch).collect())
+}
+
+/// The network of `model` in f32 for inference, with the weights of `path` loaded; also
+/// returns the checkpoint's metadata.
+pub fn inference_network(
+    model: &Model,
+    path: &Path,
+) -> Result<(Network, HashMap<String, String>), Diag> {
+    let mut net = Network::new(
+        model,
+        &Device::Cpu,
+        DType::F32,
+        crate::lower::Init::Torch,
+        0,
+    )
+    .map_err(runtime_error)?;
+    let meta = load_weights(&mut net, path)?;
+    Ok((net, meta))
 }
 
 /// Loads a checkpoint, or any safetensors file whose names match the layers (a PyTorch state
