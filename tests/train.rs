@@ -220,3 +220,66 @@ fn recipe_mistakes_are_diagnostics() {
         text(&not_classifier)
     );
 }
+
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    let out = run_dir("train-killed");
+    let dir = out.to_str().expect("utf-8");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dlc"))
+        .args([
+            "train",
+            "specs/mlp.dlc",
+            "--model",
+            "mlp",
+            "--data",
+            SUBSET,
+            "--out",
+            dir,
+            "--epochs",
+            "50",
+            "-q",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start training");
+    // Kill it in the middle of a later epoch, once the first checkpoint exists.
+    let ckpt = out.join("model.safetensors");
+    let started = std::time::Instant::now();
+    while !ckpt.is_file() && started.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let done = std::fs::read_to_string(out.join("metrics.csv"))
+        .expect("metrics")
+        .lines()
+        .count()
+        - 1;
+    assert!(done >= 1, "at least one epoch was saved");
+    let target = (done + 1).to_string();
+    let resumed = dlc(&[
+        "train",
+        "specs/mlp.dlc",
+        "--model",
+        "mlp",
+        "--data",
+        SUBSET,
+        "--out",
+        dir,
+        "--epochs",
+        &target,
+        "--resume",
+        "-q",
+    ]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(
+        text(&resumed).contains(&format!("resuming after epoch {done}")),
+        "{}",
+        text(&resumed)
+    );
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("metrics");
+    assert_eq!(csv.lines().count() - 1, done + 1, "{csv}");
+}

@@ -70,17 +70,22 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let rank = x.rank();
-    let axes: Vec<usize> = (0..rank).filter(|a| *a != 1).collect();
-    let count = (x.elem_count() / x.dim(1)?) as f64;
-    let mean = (x.sum_keepdim(axes.as_slice())? / count)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = (centered.sqr()?.sum_keepdim(axes.as_slice())? / count)?;
+    // Channels first and everything else flattened into one contiguous row per channel:
+    // the reductions then run over the last axis, which candle does fastest.
+    let xt = x.transpose(0, 1)?;
+    let dims = xt.dims().to_vec();
+    let rows = xt.flatten_from(1)?.contiguous()?;
+    let mean = rows.mean_keepdim(1)?;
+    let centered = rows.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(1)?;
     let inv_std = (&var + eps)?.sqrt()?.recip()?;
+    let c = weight.elem_count();
     let y = centered
         .broadcast_mul(&inv_std)?
-        .broadcast_mul(&per_channel(weight, rank)?)?
-        .broadcast_add(&per_channel(bias, rank)?)?;
+        .broadcast_mul(&weight.reshape((c, 1))?)?
+        .broadcast_add(&bias.reshape((c, 1))?)?
+        .reshape(dims)?
+        .transpose(0, 1)?;
     Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
 }
 

@@ -336,29 +336,27 @@ fn resume(
         .and_then(|e| e.parse().ok())
         .unwrap_or(0);
     checkpoint::restore(model_path, &loaded, &net.state.variables(), true)?;
+    // The two files are renamed one after the other: a run killed between the renames leaves
+    // an optimiser state one epoch ahead of the weights. The weights are what matter; the
+    // optimiser's running averages then restart.
     let optim = checkpoint::load(optim_path)?;
-    if optim
+    let optim_epoch = optim
         .metadata
         .get(checkpoint::EPOCH)
-        .and_then(|e| e.parse::<usize>().ok())
-        != Some(epoch)
-    {
-        return Err(Diag::new(
-            "dlc::checkpoint",
-            format!(
-                "`{}` and `{}` are from different epochs",
-                model_path.display(),
-                optim_path.display()
-            ),
-        )
-        .help("the run was interrupted while saving; start a new run"));
+        .and_then(|e| e.parse::<usize>().ok());
+    if optim_epoch == Some(epoch) {
+        stepper.steps = optim
+            .metadata
+            .get("dlc.steps")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        stepper.state = optim.tensors.into_iter().collect();
+    } else {
+        eprintln!(
+            "warning: `{}` is not from epoch {epoch} (the run was stopped while saving); the optimiser state restarts",
+            optim_path.display()
+        );
     }
-    stepper.steps = optim
-        .metadata
-        .get("dlc.steps")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    stepper.state = optim.tensors.into_iter().collect();
     let history = metrics::read(&opts.out)?;
     Ok(history.into_iter().take(epoch).collect())
 }
