@@ -86,7 +86,10 @@ impl Stepper {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let p = var.as_tensor();
+            // A gradient can still reference the forward graph it came from; kept in the
+            // optimiser's state it would hold every step's activations alive.
+            let g = &g.detach();
+            let p = &var.as_tensor().detach();
             let updated = match &self.kind {
                 Optimizer::Sgd {
                     momentum,
@@ -269,6 +272,42 @@ mod tests {
             ),
             &[0.75, -1.5],
         );
+    }
+
+    #[test]
+    fn optimiser_state_holds_no_graph() {
+        // The gradient of p·x w.r.t. p is x, a tracked tensor here: the state must not keep it
+        // (and so every step's activations) alive.
+        let p = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::new(&[3.0f64, 4.0], &Device::Cpu).unwrap()).unwrap();
+        let mut params = BTreeMap::new();
+        params.insert("p".to_string(), p.clone());
+        for kind in [
+            Optimizer::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 0.0,
+                nesterov: false,
+            },
+            Optimizer::Adam {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        ] {
+            let mut opt = Stepper::new(kind, &params);
+            let loss = (p.as_tensor() * x.as_tensor().exp().unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+            assert!(
+                opt.state.values().all(|t| !t.track_op()),
+                "state tensors are detached"
+            );
+        }
     }
 
     #[test]
