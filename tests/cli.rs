@@ -263,7 +263,10 @@ fn readme_examples_are_current() {
     }
     for (cmd, expected) in examples {
         // Training, evaluation and prediction need a trained run: their outputs are records.
-        if ["dlc train", "dlc eval", "dlc predict"].iter().any(|c| cmd.starts_with(c)) {
+        if ["dlc train", "dlc eval", "dlc predict"]
+            .iter()
+            .any(|c| cmd.starts_with(c))
+        {
             continue;
         }
         let (cmd, head) = match cmd.split_once(" | head -") {
