@@ -15,11 +15,11 @@ use dlc::diagnostics::Diag;
 /// dlc — a compiler for neural networks written as text.
 ///
 /// Write an architecture in a `.dlc` spec, then check it, count its parameters and MACs,
-/// and draw its graph. See docs/language.md for the language.
+/// draw its graph, and train it. See docs/language.md for the language.
 #[derive(Parser, Debug)]
 #[command(name = "dlc", version, about, long_about = None, propagate_version = true)]
 #[command(
-    after_help = "Examples:\n  dlc check specs/*.dlc\n  dlc params specs/resnet.dlc --model resnet50\n  dlc params specs/lenet.dlc --format json\n  dlc graph specs/resnet.dlc --model resnet18 | dot -Tsvg > resnet18.svg\n  dlc params specs/mlp.dlc --set hidden=512"
+    after_help = "Examples:\n  dlc check specs/*.dlc\n  dlc params specs/resnet.dlc --model resnet50\n  dlc params specs/lenet.dlc --format json\n  dlc params specs/mlp.dlc --model mlp --set hidden=512\n  dlc graph specs/resnet.dlc --model resnet18 | dot -Tsvg > resnet18.svg\n  dlc train specs/lenet.dlc\n  dlc eval specs/lenet.dlc --weights runs/<run>/model.safetensors\n  dlc predict specs/lenet.dlc --weights runs/<run>/model.safetensors shoe.png"
 )]
 pub struct Cli {
     #[command(subcommand)]
