@@ -283,3 +283,26 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("metrics");
     assert_eq!(csv.lines().count() - 1, done + 1, "{csv}");
 }
+
+#[test]
+fn a_pytorch_state_dict_loads_by_name() {
+    // `lenet.safetensors` was written from a PyTorch state dict (keys `0.weight`, `3.bias`, …;
+    // see scripts/torch_fixtures.py), in float64 and with extra tensors: it loads as is.
+    let out = dlc(&[
+        "predict",
+        "specs/lenet.dlc",
+        "--weights",
+        "tests/fixtures/torch/lenet.safetensors",
+        "--format",
+        "json",
+        "examples/images/trouser.jpg",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let probs = v["images"][0]["probabilities"]
+        .as_array()
+        .expect("probabilities");
+    assert_eq!(probs.len(), 10);
+    let total: f64 = probs.iter().map(|p| p.as_f64().expect("number")).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{total}");
+}
