@@ -284,6 +284,19 @@ def make_ops():
         op_fixture(name, {"op": "bn", "eps": 1e-5, "momentum": 0.1}, desc, x, module=bn,
                    mode=mode)
 
+    # --- layernorm ---
+    g = gen("op_layernorm")
+    x = randn(g, 2, 5, 6, scale=1.5) + 0.3
+    ln = nn.LayerNorm(6, eps=1e-5).to(DTYPE)
+    with torch.no_grad():
+        ln.weight.copy_(uniform(g, 0.5, 1.5, 6))
+        ln.bias.copy_(randn(g, 6, scale=0.5))
+    op_fixture("op_layernorm", {"op": "layernorm", "eps": 1e-5},
+               "nn.LayerNorm(6, eps=1e-5) on input [2, 5, 6]: normalises over the last axis "
+               "with the biased variance, then weight and bias [6]; backward of "
+               "sum(output * grad_output)",
+               x, module=ln)
+
     # --- pools ---
     pool_case("op_maxpool_k2s2", "maxpool", (2, 2), (2, 2),
               note="Floor mode drops the last row and column (their gradient is zero)")

@@ -29,6 +29,7 @@ enum Layer {
     Conv(conv::Conv),
     Linear(linear::Linear),
     BatchNorm(norm::BatchNorm),
+    LayerNorm(norm::LayerNorm),
     Lrn(crate::ops::norm::Lrn),
     Activation(crate::ops::activation::Activation),
     Softmax(usize),
@@ -104,6 +105,12 @@ impl Network {
                 Op::BatchNorm(b) => {
                     Layer::BatchNorm(norm::BatchNorm::new(&mut state, name, b, in_dims[1])?)
                 }
+                Op::LayerNorm(l) => Layer::LayerNorm(norm::LayerNorm::new(
+                    &mut state,
+                    name,
+                    l,
+                    in_dims[in_dims.len() - 1],
+                )?),
                 Op::Lrn(l) => Layer::Lrn(l.clone()),
                 Op::Activation(a) => Layer::Activation(*a),
                 Op::Softmax(s) => Layer::Softmax(axis(s.dim, in_dims.len())),
@@ -158,6 +165,7 @@ impl Network {
                 Layer::Conv(c) => c.forward(one()?)?,
                 Layer::Linear(l) => l.forward(one()?)?,
                 Layer::BatchNorm(b) => b.forward(one()?, train)?,
+                Layer::LayerNorm(l) => l.forward(one()?)?,
                 Layer::Lrn(cfg) => norm::lrn(one()?, cfg)?,
                 Layer::Activation(a) => activation::activate(one()?, *a)?,
                 Layer::Softmax(axis) => activation::softmax(one()?, *axis)?,

@@ -1,11 +1,11 @@
 //! Batch normalisation (batch statistics while training, running statistics updated as
-//! PyTorch does: momentum 0.1 and the unbiased batch variance) and local response
-//! normalisation, both from differentiable candle primitives.
+//! PyTorch does: momentum 0.1 and the unbiased batch variance), layer normalisation and local
+//! response normalisation, all from differentiable candle primitives.
 
 use candle_core::{Result, Tensor, Var};
 
 use super::params::State;
-use crate::ops::norm::{BatchNorm as BatchNormCfg, Lrn};
+use crate::ops::norm::{BatchNorm as BatchNormCfg, LayerNorm as LayerNormCfg, Lrn};
 
 /// A batch-norm layer over axis 1.
 pub struct BatchNorm {
@@ -89,6 +89,44 @@ pub fn batch_norm_train(
     Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
 }
 
+/// A layer-norm layer over the last axis.
+pub struct LayerNorm {
+    eps: f64,
+    weight: Var,
+    bias: Var,
+}
+
+impl LayerNorm {
+    /// Creates the parameters of node `name` for a last axis of size `features`.
+    pub fn new(state: &mut State, name: &str, cfg: &LayerNormCfg, features: usize) -> Result<Self> {
+        Ok(LayerNorm {
+            eps: cfg.eps,
+            weight: state.filled(&format!("{name}.weight"), &[features], 1.0)?,
+            bias: state.filled(&format!("{name}.bias"), &[features], 0.0)?,
+        })
+    }
+
+    /// Normalises (the same in training and evaluation).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
+    }
+}
+
+/// Layer norm over the last axis with the biased variance, as PyTorch's `nn.LayerNorm(D)`.
+/// Built from primitives with a backward: candle's fused layer norm has none on contiguous
+/// input.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let mean = x.mean_keepdim(last)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(last)?;
+    let inv_std = (var + eps)?.sqrt()?.recip()?;
+    centered
+        .broadcast_mul(&inv_std)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
 /// `b_c = a_c / (k + α · mean over the `size` channels around c of a²)^β`, as PyTorch's
 /// `LocalResponseNorm` (zero padding, divisor `size`).
 pub fn lrn(x: &Tensor, cfg: &Lrn) -> Result<Tensor> {
@@ -141,6 +179,15 @@ mod tests {
         let var = bn.running_var.as_tensor().to_vec1::<f64>().unwrap()[0];
         assert!((mean - 0.25).abs() < 1e-12, "{mean}");
         assert!((var - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-12, "{var}");
+    }
+
+    #[test]
+    fn layer_norm_gradients_match_finite_differences() {
+        for shape in [vec![4, 6], vec![2, 3, 5]] {
+            let d = shape[shape.len() - 1];
+            let inputs = [random(&shape, 1), random(&[d], 2), random(&[d], 3)];
+            check_grads(|t| layer_norm(&t[0], &t[1], &t[2], 1e-5), &inputs, 1e-5);
+        }
     }
 
     #[test]

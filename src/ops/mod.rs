@@ -102,6 +102,8 @@ pub enum Op {
     Linear(linear::Linear),
     /// Batch normalisation over axis 1.
     BatchNorm(norm::BatchNorm),
+    /// Layer normalisation over the last axis.
+    LayerNorm(norm::LayerNorm),
     /// Local response normalisation across channels.
     Lrn(norm::Lrn),
     /// Elementwise activation.
@@ -133,6 +135,7 @@ impl Op {
             Op::Conv(_) => "conv",
             Op::Linear(_) => "linear",
             Op::BatchNorm(_) => "bn",
+            Op::LayerNorm(_) => "layernorm",
             Op::Lrn(_) => "lrn",
             Op::Activation(a) => a.name(),
             Op::Softmax(_) => "softmax",
@@ -155,6 +158,7 @@ impl Op {
             Op::Conv(c) => one(c.infer(&first(inputs)?)),
             Op::Linear(l) => one(l.infer(&first(inputs)?)),
             Op::BatchNorm(b) => one(b.infer(&first(inputs)?)),
+            Op::LayerNorm(l) => one(l.infer(&first(inputs)?)),
             Op::Softmax(s) => one(s.infer(&first(inputs)?)),
             Op::Pool(p) => one(p.infer(&first(inputs)?)),
             Op::AdaptiveAvgPool(p) => one(p.infer(&first(inputs)?)),
@@ -174,6 +178,7 @@ impl Op {
             Op::Conv(c) => c.cost(input, output),
             Op::Linear(l) => l.cost(input, output),
             Op::BatchNorm(b) => b.cost(input),
+            Op::LayerNorm(l) => l.cost(input),
             _ => Cost::free(),
         }
     }

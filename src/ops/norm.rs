@@ -1,9 +1,9 @@
-//! Normalisation: `bn(eps, momentum)` and `lrn(size, alpha, beta, k)`.
+//! Normalisation: `bn(eps, momentum)`, `layernorm(eps)` and `lrn(size, alpha, beta, k)`.
 
 use super::{
     ArgDefault as D, ArgKind::*, Args, Arity, Cost, Op, OpDef, ShapeError, expect_rank, param,
 };
-use crate::ir::Shape;
+use crate::ir::{Dim, Shape};
 
 /// Batch normalisation over axis 1 of `[N, C]`, `[N, C, L]` or `[N, C, H, W]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -12,6 +12,14 @@ pub struct BatchNorm {
     pub eps: f64,
     /// Running-statistics momentum (PyTorch convention).
     pub momentum: f64,
+}
+
+/// Layer normalisation over the last axis of `[N, D]` or `[N, T, D]` (PyTorch's
+/// `nn.LayerNorm(D)`: biased variance, weight and bias `[D]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerNorm {
+    /// Added to the variance.
+    pub eps: f64,
 }
 
 /// Local response normalisation across channels (AlexNet).
@@ -41,6 +49,17 @@ pub const DEFS: &[OpDef] = &[
             Ok(Op::BatchNorm(BatchNorm {
                 eps: a.float("eps"),
                 momentum: a.float("momentum"),
+            }))
+        },
+    },
+    OpDef {
+        name: "layernorm",
+        summary: "layer normalisation over the last axis (biased variance); weight and bias [D]",
+        params: &[param("eps", Float, D::Float(1e-5))],
+        arity: Arity::One,
+        build: |a: &Args| {
+            Ok(Op::LayerNorm(LayerNorm {
+                eps: a.float("eps"),
             }))
         },
     },
@@ -87,5 +106,34 @@ impl BatchNorm {
             buffers: 2 * c,
             macs: Some(0),
         }
+    }
+}
+
+impl LayerNorm {
+    /// Shape unchanged; rank at least 2 and the last axis known.
+    pub fn infer(&self, input: &Shape) -> Result<Shape, ShapeError> {
+        if input.rank() < 2 {
+            return Err(ShapeError::new(
+                "dlc::rank_mismatch",
+                format!("`layernorm` expects [N, D] or [N, ..., D], but its input is {input}"),
+                "`layernorm` takes tensors of rank 2 or more (batch included)",
+            ));
+        }
+        if input.0.last().and_then(Dim::known).is_none() {
+            return Err(ShapeError::new(
+                "dlc::symbolic_dim",
+                format!(
+                    "`layernorm` needs a known size of the last axis, but its input is {input}"
+                ),
+                "give the last axis a fixed size",
+            ));
+        }
+        Ok(input.clone())
+    }
+
+    /// `2D` parameters (scale and shift over the last axis), no buffers.
+    pub fn cost(&self, input: &Shape) -> Cost {
+        let d = input.0.last().and_then(Dim::known).unwrap_or(0);
+        Cost::new(2 * d, Some(0))
     }
 }
