@@ -37,6 +37,19 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// Runs `dlc`, asserts a clean failure (exit 1) with the diagnostic `code`, and returns
+/// the output for further checks.
+fn fails_with(args: &[&str], code: &str) -> Output {
+    let out = dlc(args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(code),
+        "{}",
+        text(&out)
+    );
+    out
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -224,20 +237,17 @@ fn predict_classifies_png_and_jpeg_like_the_library() {
     );
 
     // Problems are diagnostics, exit status 1, never panics.
-    let missing = dlc(&[
-        "predict",
-        SPEC,
-        "--model",
-        MODEL,
-        "--weights",
-        s(&ckpt),
-        s(&dir.join("nope.png")),
-    ]);
-    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing));
-    assert!(
-        String::from_utf8_lossy(&missing.stderr).contains("dlc::io"),
-        "{}",
-        text(&missing)
+    let missing = fails_with(
+        &[
+            "predict",
+            SPEC,
+            "--model",
+            MODEL,
+            "--weights",
+            s(&ckpt),
+            s(&dir.join("nope.png")),
+        ],
+        "dlc::io",
     );
     assert!(
         missing.stdout.is_empty(),
@@ -247,91 +257,76 @@ fn predict_classifies_png_and_jpeg_like_the_library() {
 
     let not_image = dir.join("notes.png");
     std::fs::write(&not_image, "not an image").expect("write");
-    let undecodable = dlc(&[
-        "predict",
-        SPEC,
-        "--model",
-        MODEL,
-        "--weights",
-        s(&ckpt),
-        s(&not_image),
-    ]);
-    assert_eq!(undecodable.status.code(), Some(1), "{}", text(&undecodable));
-    assert!(
-        String::from_utf8_lossy(&undecodable.stderr).contains("dlc::image"),
-        "{}",
-        text(&undecodable)
+    let undecodable = fails_with(
+        &[
+            "predict",
+            SPEC,
+            "--model",
+            MODEL,
+            "--weights",
+            s(&ckpt),
+            s(&not_image),
+        ],
+        "dlc::image",
     );
 
     let truncated = dir.join("png-truncated.png");
     let bytes = std::fs::read(&png).expect("png bytes");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
-    let broken = dlc(&[
-        "predict",
-        SPEC,
-        "--model",
-        MODEL,
-        "--weights",
-        s(&ckpt),
-        s(&truncated),
-    ]);
-    assert_eq!(broken.status.code(), Some(1), "{}", text(&broken));
-    assert!(
-        String::from_utf8_lossy(&broken.stderr).contains("dlc::image"),
-        "{}",
-        text(&broken)
+    let broken = fails_with(
+        &[
+            "predict",
+            SPEC,
+            "--model",
+            MODEL,
+            "--weights",
+            s(&ckpt),
+            s(&truncated),
+        ],
+        "dlc::image",
     );
 
     let corrupt = dir.join("corrupt.safetensors");
     let weights = std::fs::read(&ckpt).expect("checkpoint bytes");
     std::fs::write(&corrupt, &weights[..weights.len() / 2]).expect("write");
-    let bad_ckpt = dlc(&[
-        "predict",
-        SPEC,
-        "--model",
-        MODEL,
-        "--weights",
-        s(&corrupt),
-        s(&png),
-    ]);
-    assert_eq!(bad_ckpt.status.code(), Some(1), "{}", text(&bad_ckpt));
-    assert!(
-        String::from_utf8_lossy(&bad_ckpt.stderr).contains("dlc::checkpoint"),
-        "{}",
-        text(&bad_ckpt)
+    let bad_ckpt = fails_with(
+        &[
+            "predict",
+            SPEC,
+            "--model",
+            MODEL,
+            "--weights",
+            s(&corrupt),
+            s(&png),
+        ],
+        "dlc::checkpoint",
     );
 
-    let no_ckpt = dlc(&[
-        "predict",
-        SPEC,
-        "--model",
-        MODEL,
-        "--weights",
-        s(&dir.join("none.safetensors")),
-        s(&png),
-    ]);
-    assert_eq!(no_ckpt.status.code(), Some(1), "{}", text(&no_ckpt));
-    assert!(
-        String::from_utf8_lossy(&no_ckpt.stderr).contains("dlc::checkpoint"),
-        "{}",
-        text(&no_ckpt)
+    let no_ckpt = fails_with(
+        &[
+            "predict",
+            SPEC,
+            "--model",
+            MODEL,
+            "--weights",
+            s(&dir.join("none.safetensors")),
+            s(&png),
+        ],
+        "dlc::checkpoint",
     );
 
     // A checkpoint of another model (the sigmoid LeNet of specs/lenet.dlc) does not fit.
-    let wrong = dlc(&[
-        "predict",
-        "specs/lenet.dlc",
-        "--model",
-        "lenet",
-        "--weights",
-        s(&ckpt),
-        s(&png),
-    ]);
-    assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
-    assert!(
-        String::from_utf8_lossy(&wrong.stderr).contains("dlc::checkpoint"),
-        "{}",
-        text(&wrong)
+    let wrong = fails_with(
+        &[
+            "predict",
+            "specs/lenet.dlc",
+            "--model",
+            "lenet",
+            "--weights",
+            s(&ckpt),
+            s(&png),
+        ],
+        "dlc::checkpoint",
     );
 
     // Another model whose layers happen to fit loads, with a warning naming the trained one.
