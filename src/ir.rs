@@ -43,11 +43,31 @@ impl fmt::Display for Dim {
     }
 }
 
-/// A tensor shape, batch dimension first.
+/// What a tensor's elements are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// Real numbers (activations, images, features).
+    #[default]
+    Float,
+    /// Token ids (`input src: tokens[T]`): only `embedding`, `one_hot` and layout ops take them.
+    Tokens,
+}
+
+/// A tensor shape, batch dimension first, and its element type.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Shape(pub Vec<Dim>);
+pub struct Shape(pub Vec<Dim>, pub DType);
 
 impl Shape {
+    /// A float tensor of these dimensions.
+    pub fn new(dims: Vec<Dim>) -> Self {
+        Shape(dims, DType::Float)
+    }
+
+    /// Whether the elements are token ids.
+    pub fn is_tokens(&self) -> bool {
+        self.1 == DType::Tokens
+    }
+
     /// The symbolic batch dimension.
     pub fn batch() -> Dim {
         Dim::Sym(Arc::from("N"))
@@ -76,7 +96,11 @@ impl fmt::Display for Shape {
             }
             write!(f, "{d}")?;
         }
-        f.write_str("]")
+        f.write_str("]")?;
+        if self.is_tokens() {
+            f.write_str(" tokens")?;
+        }
+        Ok(())
     }
 }
 

@@ -175,6 +175,19 @@ impl Elaborator<'_> {
     }
 
     fn field(&mut self, v: Value, name: &str, span: Span) -> Value {
+        let v = match v {
+            Value::Tensor(t) => {
+                let names = self.g.dag[t.node].op.output_names();
+                if let Some(i) = names.iter().position(|n| *n == name) {
+                    return Value::Tensor(crate::ir::Outlet {
+                        node: t.node,
+                        slot: i + 1,
+                    });
+                }
+                Value::Shape(Rc::new(self.g.shape(t).clone()))
+            }
+            v => v,
+        };
         let Value::Shape(shape) = v else {
             return match v {
                 Value::Poison => Value::Poison,

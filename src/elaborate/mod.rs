@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::diagnostics::{Diag, Span, did_you_mean};
-use crate::ir::{Dim, Graph, Outlet, ScopeId, ScopeKind, Shape};
+use crate::ir::{DType, Dim, Graph, Outlet, ScopeId, ScopeKind, Shape};
 use crate::ops::{self, Op, OpDef};
 use crate::program::{ModelSource, Program};
 use crate::syntax::ast::*;
@@ -732,17 +732,21 @@ impl<'p> Elaborator<'p> {
             );
             return flow;
         }
-        if let Some(dt) = dtype {
-            self.error(
-                Diag::new(
-                    "dlc::unknown_type",
-                    format!("unknown input type `{}`", dt.name),
-                )
-                .label(dt.span, "not a known input type")
-                .help("image and feature inputs are written `input x: [c, h, w]`"),
-            );
-            return Some(Value::Poison);
-        }
+        let dtype = match dtype {
+            None => DType::Float,
+            Some(dt) if dt.name == "tokens" => DType::Tokens,
+            Some(dt) => {
+                self.error(
+                    Diag::new(
+                        "dlc::unknown_type",
+                        format!("unknown input type `{}`", dt.name),
+                    )
+                    .label(dt.span, "not a known input type")
+                    .help("image and feature inputs are written `input x: [c, h, w]`, sequences of token ids `input src: tokens[T]`"),
+                );
+                return Some(Value::Poison);
+            }
+        };
         let mut shape = vec![Shape::batch()];
         let mut ok = true;
         for d in dims {
@@ -795,7 +799,7 @@ impl<'p> Elaborator<'p> {
         let value = if ok {
             let op = Op::Input(ops::reshape::Input {
                 name: name.name.clone(),
-                shape: Shape(shape),
+                shape: Shape(shape, dtype),
             });
             let local = self.reserve_name(&name.name, name.span);
             match self.g.wire(0, &local, op, span, &[]) {
@@ -1193,6 +1197,7 @@ impl<'p> Elaborator<'p> {
         };
         let mut inputs = vec![input];
         inputs.extend(extra);
+        inputs.extend(bound.tensors());
         self.wire(&local, op, span, &inputs)
     }
 
@@ -1339,6 +1344,7 @@ impl<'p> Elaborator<'p> {
                         Some((_, v)) => v.clone(),
                         None => continue,
                     },
+                    ops::ArgDefault::Absent => continue,
                 },
             };
             out.push((spec.name, value));
@@ -1388,6 +1394,7 @@ impl<'p> Elaborator<'p> {
                 return None;
             }
             (Bool, Value::Bool(b)) => Ok(ArgValue::Bool(*b)),
+            (Tensor, Value::Tensor(t)) => Ok(ArgValue::Tensor(*t)),
             (PosPair | NonNegPair, Value::Int(n)) => checked(*n)
                 .map(|n| ArgValue::Pair(n as u64, n as u64))
                 .map_err(Some),
@@ -2106,6 +2113,7 @@ fn signature(def: &OpDef) -> String {
             ops::ArgDefault::Float(v) => format!("{} = {v}", p.name),
             ops::ArgDefault::Bool(v) => format!("{} = {v}", p.name),
             ops::ArgDefault::SameAs(o) => format!("{} = {o}", p.name),
+            ops::ArgDefault::Absent => format!("{}?", p.name),
         })
         .collect();
     let tensors = if def.arity == ops::Arity::Many {

@@ -128,7 +128,7 @@ mod tests {
                 2,
             );
             let b = random(&[c.out as usize], 3);
-            let expected = c.infer(&crate::ir::Shape(
+            let expected = c.infer(&crate::ir::Shape::new(
                 [2u64, cin as u64, h as u64, w as u64]
                     .map(crate::ir::Dim::Known)
                     .to_vec(),

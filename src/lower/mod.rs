@@ -45,8 +45,8 @@ enum Layer {
 /// A model lowered to candle: layers in topological order over a shared [`State`].
 pub struct Network {
     layers: Vec<Layer>,
-    /// For each node, the nodes it reads (by input slot).
-    inputs: Vec<Vec<usize>>,
+    /// For each node, the (node, output slot) pairs it reads, by input slot.
+    inputs: Vec<Vec<(usize, usize)>>,
     /// For each node, the last node that reads it (its value is dropped after that).
     last_use: Vec<usize>,
     outputs: Vec<usize>,
@@ -128,7 +128,7 @@ impl Network {
                 last_use[o.node.index()] = idx.index();
             }
             layers.push(layer);
-            inputs.push(ins.iter().map(|o| o.node.index()).collect());
+            inputs.push(ins.iter().map(|o| (o.node.index(), o.slot)).collect());
         }
         let outputs = g.outputs.iter().map(|o| o.index()).collect();
         Ok(Network {
@@ -144,19 +144,22 @@ impl Network {
     /// In training mode dropout is active and batch norm uses (and updates) batch statistics.
     pub fn forward(&mut self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
         let n = self.layers.len();
-        let mut values: Vec<Option<Tensor>> = vec![None; n];
+        // Each node's outputs, by slot; emptied after the node's last reader.
+        let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); n];
         for i in 0..n {
             let args: Vec<&Tensor> = self.inputs[i]
                 .iter()
-                .map(|j| {
-                    values[*j].as_ref().ok_or_else(|| {
-                        candle_core::Error::Msg(format!("value {j} freed too early"))
+                .map(|(j, slot)| {
+                    values[*j].get(*slot).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("value {j}.{slot} freed too early"))
                     })
                 })
                 .collect::<Result<_>>()?;
             let x = args.first().copied();
             let one = || x.ok_or_else(|| candle_core::Error::Msg("layer without input".into()));
-            let y = match &self.layers[i] {
+            // Single-output layers; a layer with several outputs (recurrent: sequence and
+            // state) returns them all, by slot.
+            let y = vec![match &self.layers[i] {
                 Layer::Input(k) => xs
                     .get(*k)
                     .cloned()
@@ -192,19 +195,20 @@ impl Network {
                     acc
                 }
                 Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
-            };
-            for j in &self.inputs[i] {
+            }];
+            for (j, _) in &self.inputs[i] {
                 if self.last_use[*j] == i && !self.outputs.contains(j) {
-                    values[*j] = None;
+                    values[*j] = Vec::new();
                 }
             }
-            values[i] = Some(y);
+            values[i] = y;
         }
         self.outputs
             .iter()
             .map(|o| {
                 values[*o]
-                    .clone()
+                    .first()
+                    .cloned()
                     .ok_or_else(|| candle_core::Error::Msg("output not computed".into()))
             })
             .collect()

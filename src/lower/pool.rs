@@ -428,7 +428,7 @@ mod tests {
     }
 
     fn ir_shape(dims: &[usize]) -> IrShape {
-        IrShape(dims.iter().map(|&d| Dim::Known(d as u64)).collect())
+        IrShape::new(dims.iter().map(|&d| Dim::Known(d as u64)).collect())
     }
 
     fn known(s: IrShape) -> Vec<usize> {

@@ -65,7 +65,7 @@ impl Linear {
         if let Some(d) = dims.last_mut() {
             *d = Dim::Known(self.out);
         }
-        Ok(Shape(dims))
+        Ok(Shape::new(dims))
     }
 
     /// `in·out (+ out)` parameters; `in·out` MACs per position.

@@ -105,6 +105,6 @@ impl Concat {
         }
         let mut dims = first.0.clone();
         dims[axis] = Dim::Known(total);
-        Ok(Shape(dims))
+        Ok(Shape(dims, first.1))
     }
 }

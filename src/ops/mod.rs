@@ -16,7 +16,7 @@ pub mod reshape;
 
 use std::ops::Add;
 
-use crate::ir::{Dim, Shape};
+use crate::ir::{Dim, Outlet, Shape};
 
 /// Parameters, buffers and multiply-accumulates of one node (per example).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,8 +149,30 @@ impl Op {
         }
     }
 
+    /// Names of the outputs after the first, addressable as fields (`enc.state`);
+    /// the first output is the one that flows on.
+    pub fn output_names(&self) -> &'static [&'static str] {
+        match self {
+            _ => &[],
+        }
+    }
+
+    /// Whether the op takes token-id tensors (every other op needs real numbers).
+    pub fn accepts_tokens(&self) -> bool {
+        matches!(self, Op::Input(_) | Op::Output)
+    }
+
     /// Output shapes for the given input shapes.
     pub fn infer(&self, inputs: &[&Shape]) -> Result<Vec<Shape>, ShapeError> {
+        if !self.accepts_tokens()
+            && let Some(ids) = inputs.iter().find(|s| s.is_tokens())
+        {
+            return Err(ShapeError::new(
+                "dlc::wrong_dtype",
+                format!("`{}` needs real numbers, but it receives token ids {ids}", self.kind()),
+                "turn token ids into vectors first: `embedding(vocab, dim)` or `one_hot(vocab)`",
+            ));
+        }
         let one = |r: Result<Shape, ShapeError>| r.map(|s| vec![s]);
         match self {
             Op::Input(i) => Ok(vec![i.shape.clone()]),
@@ -215,6 +237,8 @@ pub enum ArgKind {
     NonNegPair,
     /// A list of integers.
     IntList,
+    /// A tensor, given by keyword (`state: enc.state`); it becomes one more input of the node.
+    Tensor,
 }
 
 impl ArgKind {
@@ -230,6 +254,7 @@ impl ArgKind {
             ArgKind::PosPair => "a positive integer or a pair `(h, w)`",
             ArgKind::NonNegPair => "a non-negative integer or a pair `(h, w)`",
             ArgKind::IntList => "a list of integers",
+            ArgKind::Tensor => "a tensor",
         }
     }
 }
@@ -247,6 +272,8 @@ pub enum ArgDefault {
     Bool(bool),
     /// The value of another argument (`stride` defaults to `kernel`).
     SameAs(&'static str),
+    /// Optional: absent unless given.
+    Absent,
 }
 
 /// One argument an op takes.
@@ -282,6 +309,8 @@ pub enum ArgValue {
     Pair(u64, u64),
     /// A list of integers.
     List(Vec<i64>),
+    /// A tensor argument; the elaborator appends it to the node's inputs in argument order.
+    Tensor(Outlet),
 }
 
 /// An op's arguments, checked and with defaults filled in, in the order of its specs.
@@ -291,6 +320,19 @@ pub struct Args(pub Vec<(&'static str, ArgValue)>);
 impl Args {
     fn get(&self, name: &str) -> Option<&ArgValue> {
         self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Whether an optional argument was given.
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// The tensor arguments, in argument order: the node's inputs after the flowing tensor.
+    pub fn tensors(&self) -> impl Iterator<Item = Outlet> + '_ {
+        self.0.iter().filter_map(|(_, v)| match v {
+            ArgValue::Tensor(o) => Some(*o),
+            _ => None,
+        })
     }
 
     /// An integer argument (0 when absent: the binder guarantees presence).
@@ -446,5 +488,5 @@ fn join_or(ranks: &[usize]) -> String {
 pub(crate) fn batched(batch: &Dim, rest: impl IntoIterator<Item = u64>) -> Shape {
     let mut dims = vec![batch.clone()];
     dims.extend(rest.into_iter().map(Dim::Known));
-    Shape(dims)
+    Shape::new(dims)
 }

@@ -74,7 +74,7 @@ impl Flatten {
         let tail = known_dims(input, self.start, "flatten")?;
         let mut dims: Vec<Dim> = input.0[..self.start].to_vec();
         dims.push(Dim::Known(tail.iter().product()));
-        Ok(Shape(dims))
+        Ok(Shape::new(dims))
     }
 }
 
@@ -115,6 +115,6 @@ impl Reshape {
                 .iter()
                 .map(|d| Dim::Known(if *d == -1 { fill } else { *d as u64 })),
         );
-        Ok(Shape(dims))
+        Ok(Shape::new(dims))
     }
 }
