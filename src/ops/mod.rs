@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod merge;
 pub mod norm;
@@ -124,6 +125,18 @@ pub enum Op {
     Add,
     /// Join along an axis.
     Concat(merge::Concat),
+    /// One index of an axis, the axis dropped.
+    Select(layout::Select),
+    /// A range of an axis.
+    Slice(layout::Slice),
+    /// Two axes swapped.
+    Transpose(layout::Transpose),
+    /// Axes reordered.
+    Permute(layout::Permute),
+    /// A new axis, repeated to another tensor's size.
+    Broadcast(layout::Broadcast),
+    /// Elementwise product with broadcasting.
+    Mul,
 }
 
 impl Op {
@@ -146,6 +159,12 @@ impl Op {
             Op::Reshape(_) => "reshape",
             Op::Add => "add",
             Op::Concat(_) => "concat",
+            Op::Select(_) => "select",
+            Op::Slice(_) => "slice",
+            Op::Transpose(_) => "transpose",
+            Op::Permute(_) => "permute",
+            Op::Broadcast(_) => "broadcast",
+            Op::Mul => "mul",
         }
     }
 
@@ -159,7 +178,16 @@ impl Op {
 
     /// Whether the op takes token-id tensors (every other op needs real numbers).
     pub fn accepts_tokens(&self) -> bool {
-        matches!(self, Op::Input(_) | Op::Output)
+        matches!(
+            self,
+            Op::Input(_)
+                | Op::Output
+                | Op::Select(_)
+                | Op::Slice(_)
+                | Op::Transpose(_)
+                | Op::Permute(_)
+                | Op::Broadcast(_)
+        )
     }
 
     /// Output shapes for the given input shapes.
@@ -169,7 +197,10 @@ impl Op {
         {
             return Err(ShapeError::new(
                 "dlc::wrong_dtype",
-                format!("`{}` needs real numbers, but it receives token ids {ids}", self.kind()),
+                format!(
+                    "`{}` needs real numbers, but it receives token ids {ids}",
+                    self.kind()
+                ),
                 "turn token ids into vectors first: `embedding(vocab, dim)` or `one_hot(vocab)`",
             ));
         }
@@ -188,6 +219,12 @@ impl Op {
             Op::Reshape(r) => one(r.infer(&first(inputs)?)),
             Op::Add => one(merge::infer_add(inputs)),
             Op::Concat(c) => one(c.infer(inputs)),
+            Op::Select(s) => one(s.infer(&first(inputs)?)),
+            Op::Slice(s) => one(s.infer(&first(inputs)?)),
+            Op::Transpose(t) => one(t.infer(&first(inputs)?)),
+            Op::Permute(p) => one(p.infer(&first(inputs)?)),
+            Op::Broadcast(b) => one(b.infer(inputs)),
+            Op::Mul => one(layout::infer_mul(inputs)),
         }
     }
 
@@ -420,6 +457,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     pool::DEFS,
     reshape::DEFS,
     merge::DEFS,
+    layout::DEFS,
 ];
 
 /// Looks an op up by name.
