@@ -14,6 +14,7 @@
 
 mod batch;
 pub mod idx;
+pub mod text;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
