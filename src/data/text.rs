@@ -56,10 +56,7 @@ impl Vocab {
 
     /// The id of a token (0 when unknown).
     pub fn id(&self, token: &str) -> u32 {
-        self.tokens
-            .iter()
-            .position(|t| t == token)
-            .unwrap_or(0) as u32
+        self.tokens.iter().position(|t| t == token).unwrap_or(0) as u32
     }
 
     /// The token of an id.
@@ -196,7 +193,10 @@ mod tests {
 
     #[test]
     fn lines_are_cleaned_like_d2l() {
-        assert_eq!(clean_line("  The Time Traveller (for so"), "the time traveller for so");
+        assert_eq!(
+            clean_line("  The Time Traveller (for so"),
+            "the time traveller for so"
+        );
         assert_eq!(clean_line("--"), "");
         assert_eq!(clean_line("it's 1895!"), "it s");
     }
@@ -235,12 +235,19 @@ mod tests {
         for (x, y) in &batches {
             assert_eq!(x.len(), 10);
             for (row_x, row_y) in x.chunks(5).zip(y.chunks(5)) {
-                assert!(seen.insert(row_x.to_vec()), "each subsequence once per epoch");
+                assert!(
+                    seen.insert(row_x.to_vec()),
+                    "each subsequence once per epoch"
+                );
                 let text: String = row_x.iter().map(|&i| c.vocab.token(i)).collect();
                 let next: String = row_y.iter().map(|&i| c.vocab.token(i)).collect();
                 assert_eq!(&text[1..], &next[..4]);
             }
         }
-        assert_ne!(c.batches(2, 5, 1, 0), c.batches(2, 5, 1, 1), "epochs differ");
+        assert_ne!(
+            c.batches(2, 5, 1, 0),
+            c.batches(2, 5, 1, 1),
+            "epochs differ"
+        );
     }
 }
