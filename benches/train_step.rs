@@ -1,39 +1,65 @@
-//! Training-step speed: dlc's lowered network against the same network written by hand with
-//! candle-nn layers, and against PyTorch on the CPU, all measured in one run on this machine.
+//! Training and inference speed (issue 5's benchmark table): dlc's lowered network against
+//! the same network written by hand with candle-nn layers, and against PyTorch on the CPU, all
+//! measured in one run on this machine, with each column's peak memory.
 //!
-//! A step is: forward in training mode, cross-entropy, backward, plain SGD update (lr 0.1),
-//! on one fixed random batch. Each column warms up (2 steps by default), then times every step;
-//! the table shows the median and the minimum in milliseconds per step. The timed steps are
-//! split into rounds (5 by default) that take turns between the columns (dlc, candle-nn,
-//! PyTorch, dlc, ...), so that a change in the machine's load does not fall on one column only;
-//! PyTorch runs as a child process kept alive between its turns.
+//! Rows (the names select them):
+//! - `lenet`: d2l's LeNet train step, batch 256, 1×28×28 (`specs/lenet.dlc` `lenet`)
+//! - `resnet`: d2l's ResNet-18 train step, batch 32, 1×96×96 (`specs/resnet.dlc` `d2l_resnet18`)
+//! - `mobilenet`: torchvision's MobileNetV2 train step, batch 32, 3×96×96, 10 classes
+//!   (`specs/mobilenet.dlc` `mobilenet_v2` with `--set size=96 --set classes=10`)
+//! - `lstm`, `gru`: d2l's character model train step, one-hot 28 → 256 hidden, 35 time steps,
+//!   batch 32, linear to 28, cross-entropy over every step (`specs/rnn.dlc` `lstm`, `gru`)
+//! - `infer1`, `infer32`: torchvision's ResNet-18 inference, batch 1 and 32, 3×224×224
+//!   (`specs/resnet.dlc` `resnet18`): forward in evaluation mode, no gradients
+//! - groups: `rnn` (lstm, gru), `infer` (infer1, infer32), `train` (the first five), `all`
+//!
+//! A training step is: forward in training mode, cross-entropy, backward, plain SGD update
+//! (lr 0.1), on one fixed random batch; an inference step is one forward pass. Each column
+//! warms up (2 steps by default), then times every step; the table shows the median and the
+//! minimum in milliseconds per step. The timed steps are split into rounds (5 by default) that
+//! take turns between the columns (dlc, candle-nn, PyTorch, dlc, ...), so that a change in the
+//! machine's load does not fall on one column only; PyTorch runs as a child process kept alive
+//! between its turns.
+//!
+//! Peak memory: before each timed turn of a column the process's resident high-water mark is
+//! reset (`train_step/memory.rs`; PyTorch's child does the same for itself); the column's peak
+//! is the highest mark over its turns, in MiB. The dlc and candle-nn columns share this
+//! process, so each one's figure includes both columns' models; the table also prints each
+//! process's resident size before the first step.
 //!
 //! Columns:
 //! - `dlc`: `dlc::lower::Network` built from the spec, updated by `dlc::train::optim::Stepper`
-//!   (SGD, no momentum or weight decay).
+//!   (SGD, no momentum or weight decay); inference is `Network::forward` with `train` false.
+//!   Where the spec or model does not exist (yet), the column says "not built" and why.
 //! - `candle-nn`: the same layers written with `candle_nn::conv2d` / `linear` / `batch_norm`
-//!   and candle's own `avg_pool2d` / `max_pool2d`, updated by `candle_nn::SGD`. This is the
+//!   / `rnn::lstm` / `rnn::gru` and candle's own `avg_pool2d` / `max_pool2d`, updated by
+//!   `candle_nn::SGD` (`train_step/mobilenet.rs`, `char_rnn.rs`, `resnet18.rs`). This is the
 //!   baseline a candle user would write, even though candle's pooling backward is wrong in
 //!   general (see `src/lower/pool.rs`). Candle has no pooling backward when the kernel differs
-//!   from the stride, so ResNet's stem `maxpool(3, stride: 2, pad: 1)` is written as
+//!   from the stride, so d2l ResNet's stem `maxpool(3, stride: 2, pad: 1)` is written as
 //!   `max_pool2d(2)`, which gives the same 24×24 output; that pooling is the one place where
-//!   the two columns do not compute the same function, and it holds no parameters.
+//!   the two columns do not compute the same function, and it holds no parameters. The
+//!   inference net's weights are plain tensors (as loaded from a checkpoint), so candle records
+//!   no graph.
 //! - `PyTorch`: `benches/train_step_torch.py` run by `$DLC_TORCH_PYTHON` (default
-//!   `/work/venv/bin/python`) with `torch.set_num_threads(<cores>)`; left out, with one line
-//!   saying why, when that python or its torch is missing.
+//!   `/work/venv/bin/python`) with `torch.set_num_threads(<cores>)`; inference under
+//!   `torch.no_grad()`. Left out, with one line saying why, when that python, its torch or
+//!   torchvision is missing.
 //!
 //! Before timing, the bench asserts that every column trains the same number of parameters.
 //!
 //! Usage (options after `--`, or the environment variables in brackets):
 //!
 //! ```text
-//! cargo bench --bench train_step                                   # both nets, all columns
-//! cargo bench --bench train_step -- lenet --steps 30               # one net, 30 timed steps
+//! cargo bench --bench train_step                                   # every row, all columns
+//! cargo bench --bench train_step -- --markdown                     # + the README table
+//! cargo bench --bench train_step -- lenet --steps 30               # one row, 30 timed steps
 //! cargo bench --bench train_step -- lenet --breakdown              # + forward/backward/update
 //! ```
 //!
-//! - `lenet`, `resnet` (or `d2l_resnet18`), `all`: the nets [DLC_BENCH_NETS=lenet,resnet]
-//! - `--steps N`: timed steps per column [DLC_BENCH_STEPS]; default 20 (LeNet), 5 (ResNet)
+//! - row names as above [DLC_BENCH_NETS=lenet,resnet]; default `all`
+//! - `--steps N`: timed steps per column [DLC_BENCH_STEPS]; default 20 (LeNet, LSTM, GRU,
+//!   inference batch 1), 5 (the others)
 //! - `--rounds N`: turns the timed steps are split into [DLC_BENCH_ROUNDS]; default 5
 //! - `--warmup N`: untimed steps first [DLC_BENCH_WARMUP]; default 2
 //! - `--only dlc,candle,torch`: the columns to run [DLC_BENCH_ONLY]; default all three
@@ -42,7 +68,9 @@
 //!   [DLC_BENCH_BREAKDOWN=1]. For a profile of one column:
 //!   `perf record -g target/release/deps/train_step-<hash> lenet --only dlc --steps 30`
 //! - `--layers`: also dlc's layers one by one, forward and backward, each alone on the
-//!   activations of the real forward pass, summed by op [DLC_BENCH_LAYERS=1]
+//!   activations of the real forward pass, summed by op [DLC_BENCH_LAYERS=1] (training rows)
+//! - `--markdown`: also the table for the README's "Speed" section, with a header line naming
+//!   the machine, the date, the versions and this command [DLC_BENCH_MARKDOWN=1]
 //! - `--threads N`: PyTorch's thread count [DLC_BENCH_THREADS]; default the number of cores
 //!   (candle's pool follows `RAYON_NUM_THREADS`, else the number of cores)
 
@@ -159,7 +187,11 @@ impl Net {
         match self {
             Net::Lenet => ("specs/lenet.dlc", "lenet", &[]),
             Net::Resnet => ("specs/resnet.dlc", "d2l_resnet18", &[]),
-            Net::Mobilenet => ("specs/mobilenet.dlc", "mobilenet_v2", &["size=96", "classes=10"]),
+            Net::Mobilenet => (
+                "specs/mobilenet.dlc",
+                "mobilenet_v2",
+                &["size=96", "classes=10"],
+            ),
             Net::Lstm => ("specs/rnn.dlc", "lstm", &[]),
             Net::Gru => ("specs/rnn.dlc", "gru", &[]),
             Net::Infer1 | Net::Infer32 => ("specs/resnet.dlc", "resnet18", &[]),
@@ -1367,7 +1399,11 @@ fn main() -> Result<()> {
     for row in &rows {
         for (k, why) in &row.not_built {
             let what = if *k == "dlc" { "not built" } else { "left out" };
-            println!("- {}, batch {}: {k} {what}: {why}", row.net.title(), row.net.batch());
+            println!(
+                "- {}, batch {}: {k} {what}: {why}",
+                row.net.title(),
+                row.net.batch()
+            );
         }
     }
     println!();

@@ -18,13 +18,14 @@ pub fn print(rows: &[Row], o: &Opts, torch_version: Option<&str>, end_load: &str
     );
     println!();
     println!(
-        "ms: median over {} per column after {} warm-up steps, the columns taking turns in rounds; \
+        "ms: median over {} per column after {} warm-up step{}, the columns taking turns in rounds; \
          a training step is forward, cross-entropy, backward and an SGD update on a fixed batch, \
          an inference step a forward pass in evaluation mode without gradients. MiB: the \
          process's peak resident memory while the column ran; dlc and candle-nn share one \
          process, which holds both columns' models{}.",
         steps_phrase(rows),
         o.warmup,
+        if o.warmup == 1 { "" } else { "s" },
         torch_baseline(rows)
     );
     println!();
@@ -92,7 +93,11 @@ fn steps_phrase(rows: &[Row]) -> String {
         .iter()
         .enumerate()
         .map(|(i, (n, names))| {
-            let unit = if i == 0 { " timed steps" } else { "" };
+            let unit = match (i, *n) {
+                (0, 1) => " timed step",
+                (0, _) => " timed steps",
+                _ => "",
+            };
             if groups.len() == 1 {
                 format!("{n}{unit}")
             } else {
@@ -165,8 +170,7 @@ fn today() -> String {
 
 /// The version of `krate` that Cargo.lock pins.
 fn lock_version(krate: &str) -> Option<String> {
-    let lock =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).ok()?;
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).ok()?;
     let mut lines = lock.lines();
     lines.find(|l| *l == format!("name = \"{krate}\""))?;
     let v = lines.next()?.strip_prefix("version = \"")?;

@@ -77,7 +77,9 @@ impl InvertedResidual {
             None => x.clone(),
         };
         let y = self.depthwise.forward(&y, train)?;
-        let y = self.project_bn.forward_t(&self.project.forward(&y)?, train)?;
+        let y = self
+            .project_bn
+            .forward_t(&self.project.forward(&y)?, train)?;
         if self.skip { y + x } else { Ok(y) }
     }
 }

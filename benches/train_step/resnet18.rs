@@ -7,13 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
 
-fn conv(
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
+fn conv(cin: usize, cout: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding: kernel / 2,
         stride,
@@ -81,7 +75,10 @@ impl CandleResnet18 {
     /// plain tensors (no variables: nothing is recorded for a backward pass).
     pub fn new(classes: usize) -> Result<Self> {
         let varmap = VarMap::new();
-        Self::build(classes, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+        Self::build(
+            classes,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )?;
         let weights: HashMap<String, Tensor> = varmap
             .data()
             .lock()
