@@ -82,7 +82,7 @@ fn steps_phrase(rows: &[Row]) -> String {
         let name = if row.net.trains() {
             name.trim_end_matches(" train step").to_string()
         } else {
-            format!("{name}, batch {}", row.net.batch())
+            format!("{name} at batch {}", row.net.batch())
         };
         match groups.iter_mut().find(|g| g.0 == row.steps) {
             Some(g) => g.1.push(name),
