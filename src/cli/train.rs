@@ -94,6 +94,18 @@ pub fn run(args: TrainArgs) -> ExitCode {
         Ok(history) => {
             if let Some(last) = history
                 .last()
+                .filter(|_| dlc::train::translation::is_translator(model))
+            {
+                super::emit(&format!(
+                    "{}: loss {:.3}, probe bleu {:.3} after {} epochs; wrote {}",
+                    model.name,
+                    last.train_loss,
+                    last.test_acc,
+                    last.epoch,
+                    out.display()
+                ));
+            } else if let Some(last) = history
+                .last()
                 .filter(|_| dlc::train::language::reads_tokens(model))
             {
                 super::emit(&format!(

@@ -15,6 +15,7 @@
 mod batch;
 pub mod idx;
 pub mod text;
+pub mod translation;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

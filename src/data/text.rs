@@ -23,11 +23,22 @@ pub const UNK: &str = "<unk>";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vocab {
     tokens: Vec<String>,
+    ids: std::collections::HashMap<String, u32>,
 }
 
 impl Vocab {
     /// The vocabulary of `tokens`: `<unk>` first, then by falling count, ties by first use.
     pub fn new<'a>(tokens: impl IntoIterator<Item = &'a str>) -> Vocab {
+        Vocab::with(tokens, 0, &[])
+    }
+
+    /// d2l's `Vocab(tokens, min_freq, reserved_tokens)`: `<unk>`, then `reserved`, then the
+    /// tokens seen at least `min_freq` times by falling count, ties by first use.
+    pub fn with<'a>(
+        tokens: impl IntoIterator<Item = &'a str>,
+        min_freq: usize,
+        reserved: &[&str],
+    ) -> Vocab {
         let mut counts: Vec<(&str, usize)> = Vec::new();
         let mut index = std::collections::HashMap::new();
         for t in tokens {
@@ -40,8 +51,21 @@ impl Vocab {
         // Stable: equal counts keep the order of first appearance, as Python's `sorted`.
         counts.sort_by(|a, b| b.1.cmp(&a.1));
         let mut all = vec![UNK.to_string()];
-        all.extend(counts.into_iter().map(|(t, _)| t.to_string()));
-        Vocab { tokens: all }
+        all.extend(reserved.iter().map(|t| t.to_string()));
+        for (t, n) in counts {
+            if n < min_freq {
+                break;
+            }
+            if !all.iter().any(|a| a == t) {
+                all.push(t.to_string());
+            }
+        }
+        let ids = all
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        Vocab { tokens: all, ids }
     }
 
     /// Number of tokens, `<unk>` included.
@@ -56,7 +80,7 @@ impl Vocab {
 
     /// The id of a token (0 when unknown).
     pub fn id(&self, token: &str) -> u32 {
-        self.tokens.iter().position(|t| t == token).unwrap_or(0) as u32
+        self.ids.get(token).copied().unwrap_or(0)
     }
 
     /// The token of an id.

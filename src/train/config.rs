@@ -40,6 +40,8 @@ pub enum DataSet {
     FashionMnist,
     /// The Time Machine as characters (language models).
     TimeMachine,
+    /// English–French sentence pairs (translation models).
+    FraEng,
 }
 
 /// Everything `dlc train` needs to know.
@@ -51,6 +53,8 @@ pub struct Recipe {
     pub steps: usize,
     /// Use only the first this many tokens of the text for training (d2l: 10,000).
     pub tokens: Option<usize>,
+    /// Translation: how many sentence pairs to train on (d2l: 600).
+    pub pairs: usize,
     /// Passes over the training set.
     pub epochs: usize,
     /// Examples per step.
@@ -75,6 +79,7 @@ impl Default for Recipe {
             data: DataSet::FashionMnist,
             steps: 35,
             tokens: None,
+            pairs: 600,
             epochs: 10,
             batch: 256,
             optimizer: Optimizer::Sgd {
@@ -118,6 +123,7 @@ const SETTINGS: &[&str] = &[
     "normalize",
     "steps",
     "tokens",
+    "pairs",
 ];
 
 /// Reads the model's `train { }` settings; every problem is a diagnostic at its value.
@@ -158,7 +164,8 @@ fn bad(s: &TrainSetting, expected: &str) -> Diag {
 
 fn example(name: &str) -> &'static str {
     match name {
-        "data" => "`data: fashion_mnist` or `data: time_machine`",
+        "data" => "`data: fashion_mnist`, `data: time_machine` or `data: fra_eng`",
+        "pairs" => "`pairs: 600` (sentence pairs to train on)",
         "steps" => "`steps: 35` (tokens per training sequence)",
         "tokens" => "`tokens: 10000` (train on the first 10,000 tokens of the text)",
         "epochs" => "`epochs: 10`",
@@ -237,8 +244,15 @@ fn apply(r: &mut Recipe, s: &TrainSetting) -> Result<(), Diag> {
         "data" => match &s.value {
             Setting::Name(n) if n == "fashion_mnist" => r.data = DataSet::FashionMnist,
             Setting::Name(n) if n == "time_machine" => r.data = DataSet::TimeMachine,
-            _ => return Err(bad(s, "a known data set (`fashion_mnist`, `time_machine`)")),
+            Setting::Name(n) if n == "fra_eng" => r.data = DataSet::FraEng,
+            _ => {
+                return Err(bad(
+                    s,
+                    "a known data set (`fashion_mnist`, `time_machine`, `fra_eng`)",
+                ));
+            }
         },
+        "pairs" => r.pairs = positive_int(s)?,
         "steps" => r.steps = positive_int(s)?,
         "tokens" => r.tokens = Some(positive_int(s)?),
         "epochs" => r.epochs = positive_int(s)?,

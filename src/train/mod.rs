@@ -1,5 +1,5 @@
-//! Training and evaluation of image classifiers (and, in [`language`], of character language
-//! models): data, loss, optimiser, schedule, metrics, checkpoints. `dlc train`, `dlc eval` and `dlc predict` are thin layers over this module.
+//! Training and evaluation of image classifiers (and, in [`language`] and [`translation`], of
+//! character language models and translation models): data, loss, optimiser, schedule, metrics, checkpoints. `dlc train`, `dlc eval` and `dlc predict` are thin layers over this module.
 
 pub mod checkpoint;
 pub mod config;
@@ -7,6 +7,7 @@ pub mod language;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod translation;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -166,6 +167,9 @@ pub fn evaluate(
 /// line per epoch like d2l. Returns every epoch's statistics (earlier ones too when resuming).
 /// A model that reads token ids, or whose recipe names a text, trains as a language model.
 pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<EpochStats>, Diag> {
+    if recipe.data == config::DataSet::FraEng || translation::is_translator(model) {
+        return translation::train(model, recipe, opts);
+    }
     if recipe.data == config::DataSet::TimeMachine || language::reads_tokens(model) {
         return language::train(model, recipe, opts);
     }
