@@ -13,6 +13,7 @@ pub mod merge;
 pub mod norm;
 pub mod pool;
 pub mod reshape;
+pub mod sequence;
 
 use std::ops::Add;
 
@@ -124,6 +125,12 @@ pub enum Op {
     Add,
     /// Join along an axis.
     Concat(merge::Concat),
+    /// Token ids → learned vectors.
+    Embedding(sequence::Embedding),
+    /// Token ids → one-hot vectors.
+    OneHot(sequence::OneHot),
+    /// A stack of recurrent layers (`rnn`, `gru`, `lstm`).
+    Recurrent(sequence::Recurrent),
 }
 
 impl Op {
@@ -146,6 +153,9 @@ impl Op {
             Op::Reshape(_) => "reshape",
             Op::Add => "add",
             Op::Concat(_) => "concat",
+            Op::Embedding(_) => "embedding",
+            Op::OneHot(_) => "one_hot",
+            Op::Recurrent(r) => r.cell.name(),
         }
     }
 
@@ -153,13 +163,17 @@ impl Op {
     /// the first output is the one that flows on.
     pub fn output_names(&self) -> &'static [&'static str] {
         match self {
+            Op::Recurrent(r) => r.output_names(),
             _ => &[],
         }
     }
 
     /// Whether the op takes token-id tensors (every other op needs real numbers).
     pub fn accepts_tokens(&self) -> bool {
-        matches!(self, Op::Input(_) | Op::Output)
+        matches!(
+            self,
+            Op::Input(_) | Op::Output | Op::Embedding(_) | Op::OneHot(_)
+        )
     }
 
     /// Output shapes for the given input shapes.
@@ -169,7 +183,10 @@ impl Op {
         {
             return Err(ShapeError::new(
                 "dlc::wrong_dtype",
-                format!("`{}` needs real numbers, but it receives token ids {ids}", self.kind()),
+                format!(
+                    "`{}` needs real numbers, but it receives token ids {ids}",
+                    self.kind()
+                ),
                 "turn token ids into vectors first: `embedding(vocab, dim)` or `one_hot(vocab)`",
             ));
         }
@@ -188,6 +205,12 @@ impl Op {
             Op::Reshape(r) => one(r.infer(&first(inputs)?)),
             Op::Add => one(merge::infer_add(inputs)),
             Op::Concat(c) => one(c.infer(inputs)),
+            Op::Embedding(e) => one(e.infer(&first(inputs)?)),
+            Op::OneHot(o) => one(o.infer(&first(inputs)?)),
+            Op::Recurrent(r) => {
+                first(inputs)?;
+                r.infer(inputs)
+            }
         }
     }
 
@@ -201,6 +224,8 @@ impl Op {
             Op::Linear(l) => l.cost(input, output),
             Op::BatchNorm(b) => b.cost(input),
             Op::LayerNorm(l) => l.cost(input),
+            Op::Embedding(e) => e.cost(),
+            Op::Recurrent(r) => r.cost(inputs),
             _ => Cost::free(),
         }
     }
@@ -239,6 +264,8 @@ pub enum ArgKind {
     IntList,
     /// A tensor, given by keyword (`state: enc.state`); it becomes one more input of the node.
     Tensor,
+    /// An op passed as a value (`nonlinearity: relu`).
+    OpName,
 }
 
 impl ArgKind {
@@ -255,6 +282,7 @@ impl ArgKind {
             ArgKind::NonNegPair => "a non-negative integer or a pair `(h, w)`",
             ArgKind::IntList => "a list of integers",
             ArgKind::Tensor => "a tensor",
+            ArgKind::OpName => "an op such as `relu`",
         }
     }
 }
@@ -311,6 +339,8 @@ pub enum ArgValue {
     List(Vec<i64>),
     /// A tensor argument; the elaborator appends it to the node's inputs in argument order.
     Tensor(Outlet),
+    /// An op, by name.
+    Op(&'static str),
 }
 
 /// An op's arguments, checked and with defaults filled in, in the order of its specs.
@@ -372,6 +402,14 @@ impl Args {
         }
     }
 
+    /// An op argument's name, if given.
+    pub fn op_name(&self, name: &str) -> Option<&'static str> {
+        match self.get(name) {
+            Some(ArgValue::Op(op)) => Some(op),
+            _ => None,
+        }
+    }
+
     /// A list argument.
     pub fn list(&self, name: &str) -> Vec<i64> {
         match self.get(name) {
@@ -420,6 +458,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     pool::DEFS,
     reshape::DEFS,
     merge::DEFS,
+    sequence::DEFS,
 ];
 
 /// Looks an op up by name.
