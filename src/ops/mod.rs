@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod merge;
 pub mod norm;
@@ -131,6 +132,18 @@ pub enum Op {
     OneHot(sequence::OneHot),
     /// A stack of recurrent layers (`rnn`, `gru`, `lstm`).
     Recurrent(sequence::Recurrent),
+    /// One index of an axis, the axis dropped.
+    Select(layout::Select),
+    /// A range of an axis.
+    Slice(layout::Slice),
+    /// Two axes swapped.
+    Transpose(layout::Transpose),
+    /// Axes reordered.
+    Permute(layout::Permute),
+    /// A new axis, repeated to another tensor's size.
+    Broadcast(layout::Broadcast),
+    /// Elementwise product with broadcasting.
+    Mul,
 }
 
 impl Op {
@@ -156,6 +169,12 @@ impl Op {
             Op::Embedding(_) => "embedding",
             Op::OneHot(_) => "one_hot",
             Op::Recurrent(r) => r.cell.name(),
+            Op::Select(_) => "select",
+            Op::Slice(_) => "slice",
+            Op::Transpose(_) => "transpose",
+            Op::Permute(_) => "permute",
+            Op::Broadcast(_) => "broadcast",
+            Op::Mul => "mul",
         }
     }
 
@@ -172,7 +191,15 @@ impl Op {
     pub fn accepts_tokens(&self) -> bool {
         matches!(
             self,
-            Op::Input(_) | Op::Output | Op::Embedding(_) | Op::OneHot(_)
+            Op::Input(_)
+                | Op::Output
+                | Op::Select(_)
+                | Op::Slice(_)
+                | Op::Transpose(_)
+                | Op::Permute(_)
+                | Op::Broadcast(_)
+                | Op::Embedding(_)
+                | Op::OneHot(_)
         )
     }
 
@@ -211,6 +238,12 @@ impl Op {
                 first(inputs)?;
                 r.infer(inputs)
             }
+            Op::Select(s) => one(s.infer(&first(inputs)?)),
+            Op::Slice(s) => one(s.infer(&first(inputs)?)),
+            Op::Transpose(t) => one(t.infer(&first(inputs)?)),
+            Op::Permute(p) => one(p.infer(&first(inputs)?)),
+            Op::Broadcast(b) => one(b.infer(inputs)),
+            Op::Mul => one(layout::infer_mul(inputs)),
         }
     }
 
@@ -459,6 +492,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     reshape::DEFS,
     merge::DEFS,
     sequence::DEFS,
+    layout::DEFS,
 ];
 
 /// Looks an op up by name.
