@@ -11,6 +11,14 @@
 //! * `lenet`: `specs/lenet.dlc` model `lenet`, train mode, output and every gradient.
 //! * `basic_block`: `tests/fixtures/torch/basic_block.dlc`, eval-mode output, then on a fresh
 //!   network the train-mode output, running statistics after the step and every gradient.
+//!   Token-id inputs (`op_embedding`, `op_one_hot`) are declared `tokens[…]` and have no
+//!   input gradient.
+//! * `seq_<case>`: a recurrent layer `layer` with the fixture's initial state and cell as
+//!   extra model inputs and its sequence, state and cell as outputs; every output, and the
+//!   gradients of the input, the initial state and cell and every parameter.
+//! * `seq2seq`, `seq2seq_attention`: `specs/seq2seq.dlc` at the fixture's sizes (`--set`),
+//!   eval mode, teacher forcing; output and every parameter gradient, d2l's keys loaded by
+//!   name (`decoder.attention.*` renamed to dlc's `decoder.rnn.attention.*`).
 //!
 //! Dispatch is by file name and an unknown file fails the test, so a new fixture cannot be
 //! skipped silently. Every tensor comparison is recorded; the failure message (and the
