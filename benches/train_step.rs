@@ -2,7 +2,8 @@
 //! candle-nn layers, and against PyTorch on the CPU, all measured in one run on this machine.
 //!
 //! A step is: forward in training mode, cross-entropy, backward, plain SGD update (lr 0.1),
-//! on one fixed random batch. Each column warms up (2 steps by default), then times every step;
+//! on one fixed random batch (for the character models, 32 sequences of 35 ids and a label
+//! for every character). Each column warms up (2 steps by default), then times every step;
 //! the table shows the median and the minimum in milliseconds per step. The timed steps are
 //! split into rounds (5 by default) that take turns between the columns (dlc, candle-nn,
 //! PyTorch, dlc, ...), so that a change in the machine's load does not fall on one column only;
@@ -17,7 +18,9 @@
 //!   general (see `src/lower/pool.rs`). Candle has no pooling backward when the kernel differs
 //!   from the stride, so ResNet's stem `maxpool(3, stride: 2, pad: 1)` is written as
 //!   `max_pool2d(2)`, which gives the same 24×24 output; that pooling is the one place where
-//!   the two columns do not compute the same function, and it holds no parameters.
+//!   the two columns do not compute the same function, and it holds no parameters. The
+//!   character models use `candle_nn::lstm` / `gru` stepped by `RNN::seq` (one input
+//!   projection per step), `candle_nn::encoding::one_hot` and `linear`.
 //! - `PyTorch`: `benches/train_step_torch.py` run by `$DLC_TORCH_PYTHON` (default
 //!   `/work/venv/bin/python`) with `torch.set_num_threads(<cores>)`; left out, with one line
 //!   saying why, when that python or its torch is missing.
@@ -32,8 +35,10 @@
 //! cargo bench --bench train_step -- lenet --breakdown              # + forward/backward/update
 //! ```
 //!
-//! - `lenet`, `resnet` (or `d2l_resnet18`), `all`: the nets [DLC_BENCH_NETS=lenet,resnet]
-//! - `--steps N`: timed steps per column [DLC_BENCH_STEPS]; default 20 (LeNet), 5 (ResNet)
+//! - `lenet`, `resnet` (or `d2l_resnet18`), `lstm`, `gru`, `rnn` (both), `all`: the nets
+//!   [DLC_BENCH_NETS=lenet,resnet,lstm,gru]
+//! - `--steps N`: timed steps per column [DLC_BENCH_STEPS]; default 20 (LeNet), 5 (ResNet),
+//!   10 (LSTM, GRU)
 //! - `--rounds N`: turns the timed steps are split into [DLC_BENCH_ROUNDS]; default 5
 //! - `--warmup N`: untimed steps first [DLC_BENCH_WARMUP]; default 2
 //! - `--only dlc,candle,torch`: the columns to run [DLC_BENCH_ONLY]; default all three
@@ -70,6 +75,10 @@ const SEED: u64 = 0;
 enum Net {
     Lenet,
     Resnet,
+    /// d2l's character LSTM: one-hot 28 → LSTM 256 → linear 28 at every step.
+    Lstm,
+    /// The same with a GRU.
+    Gru,
 }
 
 impl Net {
@@ -77,49 +86,72 @@ impl Net {
         match self {
             Net::Lenet => "lenet",
             Net::Resnet => "resnet",
+            Net::Lstm => "lstm",
+            Net::Gru => "gru",
         }
     }
     fn title(self) -> &'static str {
         match self {
             Net::Lenet => "LeNet (lenet)",
             Net::Resnet => "ResNet-18 (d2l_resnet18)",
+            Net::Lstm => "LSTM 28→256, 35 steps (lstm)",
+            Net::Gru => "GRU 28→256, 35 steps (gru)",
         }
     }
     fn spec(self) -> (&'static str, &'static str) {
         match self {
             Net::Lenet => ("specs/lenet.dlc", "lenet"),
             Net::Resnet => ("specs/resnet.dlc", "d2l_resnet18"),
+            Net::Lstm => ("specs/rnn.dlc", "lstm"),
+            Net::Gru => ("specs/rnn.dlc", "gru"),
         }
     }
     fn batch(self) -> usize {
         match self {
             Net::Lenet => 256,
-            Net::Resnet => 32,
+            Net::Resnet | Net::Lstm | Net::Gru => 32,
         }
     }
-    fn image(self) -> (usize, usize, usize) {
+    /// One example: an image `[C, H, W]`, or a sequence of `STEPS` character ids.
+    fn example(self) -> Vec<usize> {
         match self {
-            Net::Lenet => (1, 28, 28),
-            Net::Resnet => (1, 96, 96),
+            Net::Lenet => vec![1, 28, 28],
+            Net::Resnet => vec![1, 96, 96],
+            Net::Lstm | Net::Gru => vec![STEPS],
+        }
+    }
+    /// Classes predicted: per image, or per character (the vocabulary).
+    fn classes(self) -> usize {
+        match self {
+            Net::Lenet | Net::Resnet => 10,
+            Net::Lstm | Net::Gru => VOCAB,
         }
     }
     fn default_steps(self) -> usize {
         match self {
             Net::Lenet => 20,
             Net::Resnet => 5,
+            Net::Lstm | Net::Gru => 10,
         }
     }
     fn parse(s: &str) -> Option<Vec<Net>> {
         match s {
             "lenet" => Some(vec![Net::Lenet]),
             "resnet" | "resnet18" | "d2l_resnet18" => Some(vec![Net::Resnet]),
-            "all" => Some(vec![Net::Lenet, Net::Resnet]),
+            "lstm" => Some(vec![Net::Lstm]),
+            "gru" => Some(vec![Net::Gru]),
+            "rnn" => Some(vec![Net::Lstm, Net::Gru]),
+            "all" => Some(vec![Net::Lenet, Net::Resnet, Net::Lstm, Net::Gru]),
             _ => None,
         }
     }
 }
 
 const CLASSES: usize = 10;
+/// The character models' vocabulary (d2l's Time Machine) and sequence length.
+const VOCAB: usize = 28;
+const STEPS: usize = 35;
+const HIDDEN: usize = 256;
 
 /// Command-line and environment options.
 struct Opts {
@@ -138,7 +170,7 @@ struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench train_step -- [lenet|resnet|all]... [--steps N] [--rounds N] \
+        "usage: cargo bench --bench train_step -- [lenet|resnet|lstm|gru|rnn|all]... [--steps N] [--rounds N] \
          [--warmup N] [--only dlc,candle,torch] [--no-torch] [--breakdown] [--layers] [--threads N]"
     );
     std::process::exit(2)
@@ -229,7 +261,7 @@ fn parse_opts() -> Opts {
                 usage()
             }
             s => cli_nets.extend(Net::parse(s).unwrap_or_else(|| {
-                eprintln!("unknown net `{s}` (expected lenet, resnet, all)");
+                eprintln!("unknown net `{s}` (expected lenet, resnet, lstm, gru, rnn, all)");
                 usage()
             })),
         }
@@ -238,7 +270,7 @@ fn parse_opts() -> Opts {
         nets = cli_nets;
     }
     if nets.is_empty() {
-        nets = vec![Net::Lenet, Net::Resnet];
+        nets = vec![Net::Lenet, Net::Resnet, Net::Lstm, Net::Gru];
     }
     nets.dedup();
     o.nets = nets;
@@ -505,7 +537,9 @@ struct LayerRow {
 impl Trainer for DlcTrainer {
     fn loss(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let logits = self.net.forward(std::slice::from_ref(x), true)?.remove(0);
-        candle_nn::loss::cross_entropy(&logits, y)
+        // A language model predicts at every step: [N, T, vocab] → [N·T, vocab].
+        let classes = logits.dim(D::Minus1)?;
+        candle_nn::loss::cross_entropy(&logits.reshape(((), classes))?, y)
     }
     fn update(&mut self, grads: &GradStore) -> Result<()> {
         self.stepper.step(grads, LR)
@@ -663,9 +697,57 @@ impl CandleResnet {
     }
 }
 
+/// The recurrent layer of [`CandleCharModel`].
+enum CandleCell {
+    Lstm(candle_nn::LSTM),
+    Gru(candle_nn::GRU),
+}
+
+/// d2l's character model with candle-nn's recurrent layers: one-hot ids, one LSTM or GRU
+/// layer stepped by `RNN::seq`, a linear layer to the vocabulary at every step.
+struct CandleCharModel {
+    rnn: CandleCell,
+    linear: candle_nn::Linear,
+}
+
+impl CandleCharModel {
+    fn new(kind: Net, vb: VarBuilder) -> Result<Self> {
+        let rnn = match kind {
+            Net::Gru => CandleCell::Gru(candle_nn::gru(
+                VOCAB,
+                HIDDEN,
+                Default::default(),
+                vb.pp("rnn"),
+            )?),
+            _ => CandleCell::Lstm(candle_nn::lstm(
+                VOCAB,
+                HIDDEN,
+                Default::default(),
+                vb.pp("rnn"),
+            )?),
+        };
+        let linear = candle_nn::linear(HIDDEN, VOCAB, vb.pp("linear"))?;
+        Ok(CandleCharModel { rnn, linear })
+    }
+    /// ids `[N, T]` → logits `[N·T, vocab]`.
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        use candle_nn::RNN;
+        let x = candle_nn::encoding::one_hot(ids.clone(), VOCAB, 1f32, 0f32)?;
+        // candle-nn's GRU `states_to_tensor` concatenates instead of stacking: stack the
+        // hidden states here for both.
+        let hs: Vec<Tensor> = match &self.rnn {
+            CandleCell::Lstm(l) => l.seq(&x)?.into_iter().map(|s| s.h).collect(),
+            CandleCell::Gru(g) => g.seq(&x)?.into_iter().map(|s| s.h).collect(),
+        };
+        let y = self.linear.forward(&Tensor::stack(&hs, 1)?)?;
+        y.reshape(((), VOCAB))
+    }
+}
+
 enum CandleNet {
     Lenet(CandleLenet),
     Resnet(CandleResnet),
+    Chars(CandleCharModel),
 }
 
 struct CandleTrainer {
@@ -681,6 +763,7 @@ impl CandleTrainer {
         let net = match kind {
             Net::Lenet => CandleNet::Lenet(CandleLenet::new(vb)?),
             Net::Resnet => CandleNet::Resnet(CandleResnet::new(vb)?),
+            Net::Lstm | Net::Gru => CandleNet::Chars(CandleCharModel::new(kind, vb)?),
         };
         // The VarMap also holds batch norm's running statistics: not trainable.
         let trainable: Vec<Var> = varmap
@@ -702,6 +785,7 @@ impl Trainer for CandleTrainer {
         let logits = match &self.net {
             CandleNet::Lenet(n) => n.forward(x)?,
             CandleNet::Resnet(n) => n.forward(x, true)?,
+            CandleNet::Chars(n) => n.forward(x)?,
         };
         candle_nn::loss::cross_entropy(&logits, y)
     }
@@ -841,19 +925,30 @@ impl Drop for TorchServer {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The fixed batch: images uniform in [0, 1), labels uniform over the classes.
+/// The fixed batch: images uniform in [0, 1) with labels uniform over the classes, or
+/// character ids uniform over the vocabulary with one label per character.
 fn batch(net: Net) -> Result<(Tensor, Tensor)> {
     let mut rng = StdRng::seed_from_u64(42);
-    let (c, h, w) = net.image();
-    let n = net.batch();
-    let xs: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
-    let ys: Vec<u32> = (0..n)
-        .map(|_| rng.random_range(0..CLASSES as u32))
-        .collect();
-    Ok((
-        Tensor::from_vec(xs, (n, c, h, w), &Device::Cpu)?,
-        Tensor::from_vec(ys, n, &Device::Cpu)?,
-    ))
+    let mut dims = vec![net.batch()];
+    dims.extend(net.example());
+    let count: usize = dims.iter().product();
+    let classes = net.classes() as u32;
+    let x = match net {
+        Net::Lenet | Net::Resnet => {
+            let xs: Vec<f32> = (0..count).map(|_| rng.random::<f32>()).collect();
+            Tensor::from_vec(xs, dims, &Device::Cpu)?
+        }
+        Net::Lstm | Net::Gru => {
+            let ids: Vec<u32> = (0..count).map(|_| rng.random_range(0..classes)).collect();
+            Tensor::from_vec(ids, dims, &Device::Cpu)?
+        }
+    };
+    let labels = match net {
+        Net::Lenet | Net::Resnet => net.batch(),
+        Net::Lstm | Net::Gru => count,
+    };
+    let ys: Vec<u32> = (0..labels).map(|_| rng.random_range(0..classes)).collect();
+    Ok((x, Tensor::from_vec(ys, labels, &Device::Cpu)?))
 }
 
 fn loadavg() -> String {

@@ -66,10 +66,30 @@ def d2l_resnet18(torch, nn):
     )
 
 
+def char_model(torch, nn, cell):
+    # d2l's RNNModel (§9.6, §10.1, §10.2): one-hot characters, one LSTM or GRU layer of 256,
+    # a linear layer to the 28 characters at every step.
+    F = torch.nn.functional
+
+    class CharModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cell(28, 256, batch_first=True)
+            self.linear = nn.Linear(256, 28)
+
+        def forward(self, ids):
+            y, _ = self.rnn(F.one_hot(ids, 28).float())
+            return self.linear(y).reshape(-1, 28)
+
+    return CharModel()
+
+
 NETS = {
-    # name: (batch, input shape)
-    "lenet": (256, (1, 28, 28)),
-    "resnet": (32, (1, 96, 96)),
+    # name: (batch, input shape, classes)
+    "lenet": (256, (1, 28, 28), 10),
+    "resnet": (32, (1, 96, 96), 10),
+    "lstm": (32, (35,), 28),
+    "gru": (32, (35,), 28),
 }
 
 
@@ -93,12 +113,22 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch, shape = NETS[args.net]
-    model = lenet(nn) if args.net == "lenet" else d2l_resnet18(torch, nn)
+    batch, shape, classes = NETS[args.net]
+    if args.net == "lenet":
+        model = lenet(nn)
+    elif args.net == "resnet":
+        model = d2l_resnet18(torch, nn)
+    else:
+        model = char_model(torch, nn, nn.LSTM if args.net == "lstm" else nn.GRU)
     model.train()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    x = torch.rand(batch, *shape)
-    y = torch.randint(0, 10, (batch,))
+    if args.net in ("lstm", "gru"):
+        # Character ids, and a label for every character.
+        x = torch.randint(0, classes, (batch, *shape))
+        y = torch.randint(0, classes, (batch * shape[0],))
+    else:
+        x = torch.rand(batch, *shape)
+        y = torch.randint(0, classes, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     loss_fn = nn.functional.cross_entropy
 
