@@ -278,7 +278,7 @@ fn layer_by_layer(
     let mut seq = time_steps(&x.transpose(0, 1)?.contiguous()?)?;
     for l in 0..cfg.layers as usize {
         if l > 0 {
-            seq = seq.iter().map(|s| dropout(s)).collect::<Result<_>>()?;
+            seq = seq.iter().map(&mut *dropout).collect::<Result<_>>()?;
         }
         let mut outputs = Vec::with_capacity(d);
         for dir in 0..d {
@@ -326,7 +326,6 @@ fn step_by_step(
     cs: &mut [Tensor],
     dropout: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let steps = x.dim(1)?;
     let width = memory.dim(2)?;
     let features = x.dim(2)?;
     let top = cfg.layers as usize - 1;
@@ -339,8 +338,8 @@ fn step_by_step(
     let w_input = first.w_ih.narrow(1, width, features)?;
     let xs = time_steps(&x.transpose(0, 1)?.contiguous()?)?;
     let w_hh_t: Vec<Tensor> = cells.iter().map(|w| w.w_hh.t()).collect::<Result<_>>()?;
-    let mut ys = Vec::with_capacity(steps);
-    for t in 0..steps {
+    let mut ys = Vec::with_capacity(xs.len());
+    for x_t in &xs {
         let query = linear(&hs[top], &att.w_q, None)?.unsqueeze(1)?;
         let scores = keys
             .broadcast_add(&query)?
@@ -350,7 +349,7 @@ fn step_by_step(
         let weights = dropout(&candle_nn::ops::softmax(&scores, 1)?)?;
         let context = weights.unsqueeze(1)?.matmul(memory)?.squeeze(1)?;
         let mut input_proj =
-            (linear(&xs[t], &w_input, Some(&first.b_ih))? + linear(&context, &w_context, None)?)?;
+            (linear(x_t, &w_input, Some(&first.b_ih))? + linear(&context, &w_context, None)?)?;
         for l in 0..cfg.layers as usize {
             if l > 0 {
                 let below = dropout(&hs[l - 1])?;
