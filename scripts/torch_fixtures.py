@@ -18,6 +18,16 @@ seed, and running the script twice writes byte-identical files.
   shortcut and stride 2, keys prefixed ``block.``; eval-mode and train-mode outputs,
   train-mode gradients and the running statistics after the train-mode step. Its dlc
   spec is ``tests/fixtures/torch/basic_block.dlc`` (hand-written, not made here).
+* ``op_embedding``, ``op_one_hot``: lookups on int64 token ids (``input``); no input
+  gradient.
+* ``seq_<case>.safetensors``: ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (``batch_first=True``) as the
+  node ``layer``; states in dlc's batch-first layout ``[N, layers·D, H]``: ``initial.state``,
+  ``initial.cell`` (when given), ``output.state``, ``output.cell``, with their
+  ``grad_output.*`` and ``grad.initial.*``.
+* ``seq2seq.safetensors``, ``seq2seq_attention.safetensors``: d2l's GRU encoder-decoder and
+  its Bahdanau-attention variant (re-written here from d2l 0.17's code), small sizes, eval
+  mode, teacher forcing on ``input.src`` and ``input.tgt``; keys are d2l's state-dict keys.
+  The script also asserts PyTorch's parameter counts of the seven shipped sequence models.
 
 Key conventions (every file)
 ----------------------------
@@ -483,6 +493,255 @@ def make_basic_block():
     return trainable
 
 
+# ---------------------------------------------------------------------------------------
+# Sequence ops: token lookups and recurrent layers
+# ---------------------------------------------------------------------------------------
+
+
+def token_fixture(name, config, description, ids, fn, module=None):
+    """A lookup on int64 token ids: no input gradient; the module (if any) is `layer`."""
+    out = fn(ids)
+    grad_output = randn(gen(name + "/grad_output"), *out.shape)
+    t = {"input": ids, "output": out.detach(), "grad_output": grad_output}
+    if out.requires_grad:
+        out.backward(grad_output)
+    if module is not None:
+        for k, p in module.named_parameters():
+            t[f"layer.{k}"] = p
+            t[f"grad.layer.{k}"] = p.grad
+    write(name, t, meta(description, config=config, mode="train"))
+
+
+def recurrent_case(name, kind, features, hidden, layers=1, bidirectional=False, state=False,
+                   nonlinearity="tanh", steps=5, batch=2):
+    """nn.RNN/GRU/LSTM with batch_first=True, seeded default init; dlc's batch-first state.
+
+    Stored (dlc's layout, batch first): ``input`` [N, T, F]; ``initial.state`` and (LSTM)
+    ``initial.cell`` [N, layers·D, H] when given; ``output``, ``output.state``,
+    ``output.cell``; ``grad_output``, ``grad_output.state``, ``grad_output.cell``; the
+    gradients of ``sum(output * grad_output) + sum(output.state * grad_output.state) + …``
+    for the input (``grad.input``), the initial state and cell (``grad.initial.state``, …)
+    and every parameter (``grad.layer.<name>``).
+    """
+    torch.manual_seed(seed_of(name))
+    cls = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind]
+    extra = {"nonlinearity": nonlinearity} if kind == "rnn" else {}
+    module = cls(features, hidden, num_layers=layers, bidirectional=bidirectional,
+                 batch_first=True, **extra).to(DTYPE)
+    g = gen(name + "/data")
+    slots = layers * (2 if bidirectional else 1)
+    x = randn(g, batch, steps, features).requires_grad_(True)
+    t = {"input": x}
+    initial = {}
+    if state:
+        initial["state"] = randn(g, batch, slots, hidden, scale=0.5).requires_grad_(True)
+        if kind == "lstm":
+            initial["cell"] = randn(g, batch, slots, hidden, scale=0.5).requires_grad_(True)
+    # PyTorch's state is [layers·D, N, H]; dlc's is batch first.
+    torch_state = {k: v.transpose(0, 1).contiguous() for k, v in initial.items()}
+    if kind == "lstm":
+        h0 = (torch_state["state"], torch_state["cell"]) if state else None
+        out, (hn, cn) = module(x, h0)
+        finals = {"state": hn.transpose(0, 1), "cell": cn.transpose(0, 1)}
+    else:
+        out, hn = module(x, torch_state.get("state"))
+        finals = {"state": hn.transpose(0, 1)}
+    outputs = {"output": out, **{f"output.{k}": v for k, v in finals.items()}}
+    loss = 0
+    for key, value in outputs.items():
+        grad = randn(gen(f"{name}/{key}"), *value.shape)
+        t[key.replace("output", "grad_output", 1)] = grad
+        t[key] = value
+        loss = loss + (value * grad).sum()
+    loss.backward()
+    t["grad.input"] = x.grad
+    for k, v in initial.items():
+        t[f"initial.{k}"] = v
+        t[f"grad.initial.{k}"] = v.grad
+    for k, p in module.named_parameters():
+        t[f"layer.{k}"] = p
+        t[f"grad.layer.{k}"] = p.grad
+    config = {"op": kind, "hidden": hidden, "layers": layers, "bidirectional": bidirectional}
+    if kind == "rnn" and nonlinearity != "tanh":
+        config["nonlinearity"] = nonlinearity
+    args = ", ".join(f"{k}={v!r}" for k, v in
+                     [("num_layers", layers), ("bidirectional", bidirectional), *extra.items()])
+    write(name, t, meta(
+        f"nn.{cls.__name__}({features}, {hidden}, {args}, batch_first=True) in float64 with "
+        f"PyTorch's default init (seeded), input [{batch}, {steps}, {features}]"
+        + (", with an initial state" if state else "")
+        + "; states stored batch first [N, layers·D, H] (PyTorch's transposed); backward of "
+          "the sum of every output times its grad_output", config=config, mode="train"))
+
+
+def make_sequence():
+    # --- embedding, one_hot ---
+    name = "op_embedding"
+    g = gen(name)
+    ids = torch.randint(0, 10, (2, 6), generator=g, dtype=torch.int64)
+    ids[0, 1] = ids[1, 4] = 0
+    emb = nn.Embedding(10, 4, padding_idx=0).to(DTYPE)
+    with torch.no_grad():
+        emb.weight.copy_(randn(g, 10, 4))
+    token_fixture(name, {"op": "embedding", "vocab": 10, "dim": 4, "padding_idx": 0},
+                  "nn.Embedding(10, 4, padding_idx=0) on int64 ids [2, 6] (two of them 0); "
+                  "the padding row is set non-zero to show that it is looked up as it is and "
+                  "gets no gradient; backward of sum(output * grad_output)", ids, emb, emb)
+    name = "op_one_hot"
+    ids = torch.randint(0, 7, (2, 5), generator=gen(name), dtype=torch.int64)
+    token_fixture(name, {"op": "one_hot", "classes": 7},
+                  "F.one_hot(ids, 7) as float64 on int64 ids [2, 5]; no gradient",
+                  ids, lambda i: F.one_hot(i, 7).to(DTYPE))
+
+    # --- recurrent layers ---
+    recurrent_case("seq_rnn", "rnn", 3, 4)
+    recurrent_case("seq_rnn_relu_2l_bi_state", "rnn", 3, 4, layers=2, bidirectional=True,
+                   state=True, nonlinearity="relu")
+    recurrent_case("seq_gru", "gru", 3, 4)
+    recurrent_case("seq_gru_2l_bi_state", "gru", 3, 4, layers=2, bidirectional=True, state=True)
+    recurrent_case("seq_lstm", "lstm", 3, 4)
+    recurrent_case("seq_lstm_2l_bi_state", "lstm", 3, 4, layers=2, bidirectional=True,
+                   state=True)
+
+
+# ---------------------------------------------------------------------------------------
+# d2l's encoder-decoders (d2l 0.17 / zh 2.0.0 code, re-written here: no d2l dependency)
+# ---------------------------------------------------------------------------------------
+
+
+class Seq2SeqEncoder(nn.Module):
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size, num_hiddens, num_layers, dropout=dropout)
+
+    def forward(self, X):
+        output, state = self.rnn(self.embedding(X).permute(1, 0, 2))
+        return output, state
+
+
+class Seq2SeqDecoder(nn.Module):
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size + num_hiddens, num_hiddens, num_layers, dropout=dropout)
+        self.dense = nn.Linear(num_hiddens, vocab_size)
+
+    def forward(self, X, enc_outputs):
+        state = enc_outputs[1]
+        X = self.embedding(X).permute(1, 0, 2)
+        context = state[-1].repeat(X.shape[0], 1, 1)
+        output, state = self.rnn(torch.cat((X, context), 2), state)
+        return self.dense(output).permute(1, 0, 2)
+
+
+class AdditiveAttention(nn.Module):
+    def __init__(self, key_size, query_size, num_hiddens, dropout):
+        super().__init__()
+        self.W_k = nn.Linear(key_size, num_hiddens, bias=False)
+        self.W_q = nn.Linear(query_size, num_hiddens, bias=False)
+        self.w_v = nn.Linear(num_hiddens, 1, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries, keys, values):
+        # d2l's masked_softmax with valid_lens=None: every source position is attended.
+        features = torch.tanh(self.W_q(queries).unsqueeze(2) + self.W_k(keys).unsqueeze(1))
+        scores = self.w_v(features).squeeze(-1)
+        return torch.bmm(self.dropout(F.softmax(scores, dim=-1)), values)
+
+
+class Seq2SeqAttentionDecoder(nn.Module):
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0):
+        super().__init__()
+        self.attention = AdditiveAttention(num_hiddens, num_hiddens, num_hiddens, dropout)
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size + num_hiddens, num_hiddens, num_layers, dropout=dropout)
+        self.dense = nn.Linear(num_hiddens, vocab_size)
+
+    def forward(self, X, enc_outputs):
+        outputs, hidden_state = enc_outputs
+        enc = outputs.permute(1, 0, 2)
+        X = self.embedding(X).permute(1, 0, 2)
+        steps = []
+        for x in X:
+            query = torch.unsqueeze(hidden_state[-1], dim=1)
+            context = self.attention(query, enc, enc)
+            x = torch.cat((context, torch.unsqueeze(x, dim=1)), dim=-1)
+            out, hidden_state = self.rnn(x.permute(1, 0, 2), hidden_state)
+            steps.append(out)
+        return self.dense(torch.cat(steps, dim=0)).permute(1, 0, 2)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, enc_X, dec_X):
+        return self.decoder(dec_X, self.encoder(enc_X))
+
+
+# The model fixtures' sizes (the shipped defaults are 184/201/32/32: 47,369 parameters make
+# a 760 KB file; these keep the structure, 2 layers included, at a tenth of that).
+SEQ2SEQ_SIZES = {"src_vocab": 12, "tgt_vocab": 14, "embed": 6, "hidden": 8}
+
+
+def seq2seq_model(attention: bool, src_vocab=184, tgt_vocab=201, embed=32, hidden=32,
+                  layers=2, dropout=0.1):
+    decoder = Seq2SeqAttentionDecoder if attention else Seq2SeqDecoder
+    return EncoderDecoder(Seq2SeqEncoder(src_vocab, embed, hidden, layers, dropout),
+                          decoder(tgt_vocab, embed, hidden, layers, dropout))
+
+
+def make_seq2seq(attention: bool):
+    name = "seq2seq_attention" if attention else "seq2seq"
+    torch.manual_seed(seed_of(name))
+    net = seq2seq_model(attention, **SEQ2SEQ_SIZES).to(DTYPE).eval()
+    g = gen(name + "/data")
+    src = torch.randint(0, SEQ2SEQ_SIZES["src_vocab"], (3, 6), generator=g, dtype=torch.int64)
+    tgt = torch.randint(0, SEQ2SEQ_SIZES["tgt_vocab"], (3, 5), generator=g, dtype=torch.int64)
+    out = net(src, tgt)
+    grad_output = randn(g, *out.shape)
+    out.backward(grad_output)
+    t = {"input.src": src, "input.tgt": tgt, "output": out, "grad_output": grad_output}
+    for k, p in net.named_parameters():
+        t[k] = p
+        t[f"grad.{k}"] = p.grad
+    sizes = ", ".join(f"{k}={v}" for k, v in SEQ2SEQ_SIZES.items())
+    write(name, t, meta(
+        f"d2l's EncoderDecoder(Seq2SeqEncoder, {'Seq2SeqAttentionDecoder' if attention else 'Seq2SeqDecoder'}) "
+        f"with {sizes}, 2 layers, in eval mode (dropout off), float64, PyTorch's default init "
+        f"(seeded); keys are d2l's state-dict keys"
+        + (" (the attention's are `decoder.attention.*`, dlc's `decoder.rnn.attention.*`)"
+           if attention else "")
+        + "; teacher forcing: input.src [3, 6] and input.tgt [3, 5] int64 token ids, output "
+          "[3, 5, tgt_vocab]; backward of sum(output * grad_output)",
+        spec="specs/seq2seq.dlc", model=name, mode="eval", config=SEQ2SEQ_SIZES))
+
+
+def check_counts():
+    """PyTorch's own parameter counts of the shipped sequence models (tests/reference)."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    def char_model(cls, layers=1, bidirectional=False):
+        rnn = cls(28, 256, num_layers=layers, bidirectional=bidirectional)
+        return count(rnn) + count(nn.Linear(256 * (2 if bidirectional else 1), 28))
+
+    counts = {
+        "rnn": char_model(nn.RNN), "gru": char_model(nn.GRU), "lstm": char_model(nn.LSTM),
+        "lstm_deep": char_model(nn.LSTM, 2),
+        "lstm_bi": char_model(nn.LSTM, 2, True),
+        "seq2seq": count(seq2seq_model(False)),
+        "seq2seq_attention": count(seq2seq_model(True)),
+    }
+    expected = {"rnn": 80412, "gru": 226844, "lstm": 300060, "lstm_deep": 826396,
+                "lstm_bi": 2177052, "seq2seq": 47369, "seq2seq_attention": 49449}
+    assert counts == expected, counts
+    return counts
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -490,10 +749,15 @@ def main():
     make_ops()
     make_lenet()
     n = make_basic_block()
+    make_sequence()
+    make_seq2seq(False)
+    make_seq2seq(True)
+    counts = check_counts()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "
-          f"torch {torch.__version__}; basic block trainable params {n:,}", file=sys.stderr)
+          f"torch {torch.__version__}; basic block trainable params {n:,}; sequence models "
+          f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

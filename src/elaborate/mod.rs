@@ -1397,6 +1397,7 @@ impl<'p> Elaborator<'p> {
             }
             (Bool, Value::Bool(b)) => Ok(ArgValue::Bool(*b)),
             (Tensor, Value::Tensor(t)) => Ok(ArgValue::Tensor(*t)),
+            (OpName, Value::Callable(Callable::Op(op))) => Ok(ArgValue::Op(op.name)),
             (PosPair | NonNegPair, Value::Int(n)) => checked(*n)
                 .map(|n| ArgValue::Pair(n as u64, n as u64))
                 .map_err(Some),

@@ -12,6 +12,8 @@ pub mod linear;
 pub mod norm;
 pub mod params;
 pub mod pool;
+pub mod recurrent;
+pub mod sequence;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -47,6 +49,9 @@ enum Layer {
     Permute(Vec<usize>),
     Broadcast(usize),
     Mul,
+    Embedding(sequence::Embedding),
+    OneHot(usize),
+    Recurrent(recurrent::Recurrent),
 }
 
 /// A model lowered to candle: layers in topological order over a shared [`State`].
@@ -138,6 +143,19 @@ impl Network {
                 Op::Permute(p) => Layer::Permute(p.dims.clone()),
                 Op::Broadcast(b) => Layer::Broadcast(axis(b.axis, in_dims.len() + 1)),
                 Op::Mul => Layer::Mul,
+                Op::Embedding(e) => {
+                    Layer::Embedding(sequence::Embedding::new(&mut state, name, e)?)
+                }
+                Op::OneHot(o) => Layer::OneHot(o.classes as usize),
+                Op::Recurrent(r) => {
+                    let memory = match ins.last() {
+                        Some(m) if r.attend => dims(g, m.node, m.slot)[2],
+                        _ => 0,
+                    };
+                    Layer::Recurrent(recurrent::Recurrent::new(
+                        &mut state, name, r, in_dims[2], memory,
+                    )?)
+                }
             };
             for o in &ins {
                 last_use[o.node.index()] = idx.index();
@@ -172,56 +190,66 @@ impl Network {
                 .collect::<Result<_>>()?;
             let x = args.first().copied();
             let one = || x.ok_or_else(|| candle_core::Error::Msg("layer without input".into()));
-            // Single-output layers; a layer with several outputs (recurrent: sequence and
-            // state) returns them all, by slot.
-            let y = vec![match &self.layers[i] {
-                Layer::Input(k) => xs
-                    .get(*k)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
-                Layer::Identity => one()?.clone(),
-                Layer::Conv(c) => c.forward(one()?)?,
-                Layer::Linear(l) => l.forward(one()?)?,
-                Layer::BatchNorm(b) => b.forward(one()?, train)?,
-                Layer::LayerNorm(l) => l.forward(one()?)?,
-                Layer::Lrn(cfg) => norm::lrn(one()?, cfg)?,
-                Layer::Activation(a) => activation::activate(one()?, *a)?,
-                Layer::Softmax(axis) => activation::softmax(one()?, *axis)?,
-                Layer::Dropout(p) if train && *p > 0.0 => {
-                    let x = one()?;
-                    let mask = self.state.dropout_mask(x, *p)?;
-                    x.mul(&mask)?
-                }
-                Layer::Dropout(_) => one()?.clone(),
-                Layer::Pool(cfg) => pool::pool2d(one()?, cfg)?,
-                Layer::AdaptiveAvgPool(h, w) => pool::adaptive_avg_pool2d(one()?, (*h, *w))?,
-                Layer::Flatten(start) => one()?.flatten_from(*start)?,
-                Layer::Reshape(shape) => {
-                    let x = one()?;
-                    let mut full = vec![x.dim(0)?];
-                    full.extend(shape);
-                    x.reshape(full)?
-                }
-                Layer::Add => {
-                    let mut acc = one()?.clone();
-                    for t in &args[1..] {
-                        acc = (acc + *t)?;
+            // A layer with several outputs (recurrent: sequence and state) returns them all,
+            // by slot; the others return one.
+            let y = match &self.layers[i] {
+                Layer::Recurrent(r) => r.forward(&args, train, &mut self.state)?,
+                single => vec![match single {
+                    Layer::Input(k) => xs
+                        .get(*k)
+                        .cloned()
+                        .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
+                    Layer::Identity => one()?.clone(),
+                    Layer::Conv(c) => c.forward(one()?)?,
+                    Layer::Linear(l) => l.forward(one()?)?,
+                    Layer::BatchNorm(b) => b.forward(one()?, train)?,
+                    Layer::LayerNorm(l) => l.forward(one()?)?,
+                    Layer::Lrn(cfg) => norm::lrn(one()?, cfg)?,
+                    Layer::Activation(a) => activation::activate(one()?, *a)?,
+                    Layer::Softmax(axis) => activation::softmax(one()?, *axis)?,
+                    Layer::Dropout(p) if train && *p > 0.0 => {
+                        let x = one()?;
+                        let mask = self.state.dropout_mask(x, *p)?;
+                        x.mul(&mask)?
                     }
-                    acc
-                }
-                Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
-                Layer::Select(axis, at) => layout::select(one()?, *axis, *at)?,
-                Layer::Slice(axis, start, end) => layout::slice(one()?, *axis, *start, *end)?,
-                Layer::Transpose(a, b) => layout::transpose(one()?, *a, *b)?,
-                Layer::Permute(dims) => layout::permute(one()?, dims)?,
-                Layer::Broadcast(axis) => {
-                    let like = args.get(1).ok_or_else(|| {
-                        candle_core::Error::Msg("broadcast without `like`".into())
-                    })?;
-                    layout::broadcast(one()?, like, *axis)?
-                }
-                Layer::Mul => layout::mul(&args)?,
-            }];
+                    Layer::Dropout(_) => one()?.clone(),
+                    Layer::Pool(cfg) => pool::pool2d(one()?, cfg)?,
+                    Layer::AdaptiveAvgPool(h, w) => pool::adaptive_avg_pool2d(one()?, (*h, *w))?,
+                    Layer::Flatten(start) => one()?.flatten_from(*start)?,
+                    Layer::Reshape(shape) => {
+                        let x = one()?;
+                        let mut full = vec![x.dim(0)?];
+                        full.extend(shape);
+                        x.reshape(full)?
+                    }
+                    Layer::Add => {
+                        let mut acc = one()?.clone();
+                        for t in &args[1..] {
+                            acc = (acc + *t)?;
+                        }
+                        acc
+                    }
+                    Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
+                    Layer::Select(axis, at) => layout::select(one()?, *axis, *at)?,
+                    Layer::Slice(axis, start, end) => layout::slice(one()?, *axis, *start, *end)?,
+                    Layer::Transpose(a, b) => layout::transpose(one()?, *a, *b)?,
+                    Layer::Permute(dims) => layout::permute(one()?, dims)?,
+                    Layer::Broadcast(axis) => {
+                        let like = args.get(1).ok_or_else(|| {
+                            candle_core::Error::Msg("broadcast without `like`".into())
+                        })?;
+                        layout::broadcast(one()?, like, *axis)?
+                    }
+                    Layer::Mul => layout::mul(&args)?,
+                    Layer::Embedding(e) => e.forward(one()?)?,
+                    Layer::OneHot(classes) => {
+                        sequence::one_hot(one()?, *classes, self.state.dtype)?
+                    }
+                    Layer::Recurrent(_) => {
+                        candle_core::bail!("a recurrent layer returns several outputs")
+                    }
+                }],
+            };
             for (j, _) in &self.inputs[i] {
                 if self.last_use[*j] == i && !self.outputs.contains(j) {
                     values[*j] = Vec::new();

@@ -91,6 +91,30 @@ impl State {
         self.param(name, values, &[out])
     }
 
+    /// A trainable parameter of `shape` uniform in ±`bound` (PyTorch's recurrent layers use
+    /// ±1/√hidden for every weight and bias).
+    pub fn uniform_param(&mut self, name: &str, shape: &[usize], bound: f64) -> Result<Var> {
+        let values = self.uniform(shape.iter().product(), bound);
+        self.param(name, values, shape)
+    }
+
+    /// A trainable parameter of `shape` drawn from N(0, std²) (PyTorch's `nn.Embedding`), by
+    /// the Box–Muller transform.
+    pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        let mut values = Vec::with_capacity(n + 1);
+        while values.len() < n {
+            let u1: f64 = 1.0 - self.rng.random::<f64>();
+            let u2: f64 = self.rng.random();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let angle = std::f64::consts::TAU * u2;
+            values.push(r * angle.cos());
+            values.push(r * angle.sin());
+        }
+        values.truncate(n);
+        self.param(name, values, shape)
+    }
+
     /// A trainable parameter filled with `value`.
     pub fn filled(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Var> {
         let n = shape.iter().product();

@@ -14,6 +14,7 @@ pub mod merge;
 pub mod norm;
 pub mod pool;
 pub mod reshape;
+pub mod sequence;
 
 use std::ops::Add;
 
@@ -125,6 +126,12 @@ pub enum Op {
     Add,
     /// Join along an axis.
     Concat(merge::Concat),
+    /// Token ids → learned vectors.
+    Embedding(sequence::Embedding),
+    /// Token ids → one-hot vectors.
+    OneHot(sequence::OneHot),
+    /// A stack of recurrent layers (`rnn`, `gru`, `lstm`).
+    Recurrent(sequence::Recurrent),
     /// One index of an axis, the axis dropped.
     Select(layout::Select),
     /// A range of an axis.
@@ -159,6 +166,9 @@ impl Op {
             Op::Reshape(_) => "reshape",
             Op::Add => "add",
             Op::Concat(_) => "concat",
+            Op::Embedding(_) => "embedding",
+            Op::OneHot(_) => "one_hot",
+            Op::Recurrent(r) => r.cell.name(),
             Op::Select(_) => "select",
             Op::Slice(_) => "slice",
             Op::Transpose(_) => "transpose",
@@ -172,6 +182,7 @@ impl Op {
     /// the first output is the one that flows on.
     pub fn output_names(&self) -> &'static [&'static str] {
         match self {
+            Op::Recurrent(r) => r.output_names(),
             _ => &[],
         }
     }
@@ -187,6 +198,8 @@ impl Op {
                 | Op::Transpose(_)
                 | Op::Permute(_)
                 | Op::Broadcast(_)
+                | Op::Embedding(_)
+                | Op::OneHot(_)
         )
     }
 
@@ -219,6 +232,12 @@ impl Op {
             Op::Reshape(r) => one(r.infer(&first(inputs)?)),
             Op::Add => one(merge::infer_add(inputs)),
             Op::Concat(c) => one(c.infer(inputs)),
+            Op::Embedding(e) => one(e.infer(&first(inputs)?)),
+            Op::OneHot(o) => one(o.infer(&first(inputs)?)),
+            Op::Recurrent(r) => {
+                first(inputs)?;
+                r.infer(inputs)
+            }
             Op::Select(s) => one(s.infer(&first(inputs)?)),
             Op::Slice(s) => one(s.infer(&first(inputs)?)),
             Op::Transpose(t) => one(t.infer(&first(inputs)?)),
@@ -238,6 +257,8 @@ impl Op {
             Op::Linear(l) => l.cost(input, output),
             Op::BatchNorm(b) => b.cost(input),
             Op::LayerNorm(l) => l.cost(input),
+            Op::Embedding(e) => e.cost(),
+            Op::Recurrent(r) => r.cost(inputs),
             _ => Cost::free(),
         }
     }
@@ -276,6 +297,8 @@ pub enum ArgKind {
     IntList,
     /// A tensor, given by keyword (`state: enc.state`); it becomes one more input of the node.
     Tensor,
+    /// An op passed as a value (`nonlinearity: relu`).
+    OpName,
 }
 
 impl ArgKind {
@@ -292,6 +315,7 @@ impl ArgKind {
             ArgKind::NonNegPair => "a non-negative integer or a pair `(h, w)`",
             ArgKind::IntList => "a list of integers",
             ArgKind::Tensor => "a tensor",
+            ArgKind::OpName => "an op such as `relu`",
         }
     }
 }
@@ -348,6 +372,8 @@ pub enum ArgValue {
     List(Vec<i64>),
     /// A tensor argument; the elaborator appends it to the node's inputs in argument order.
     Tensor(Outlet),
+    /// An op, by name.
+    Op(&'static str),
 }
 
 /// An op's arguments, checked and with defaults filled in, in the order of its specs.
@@ -409,6 +435,14 @@ impl Args {
         }
     }
 
+    /// An op argument's name, if given.
+    pub fn op_name(&self, name: &str) -> Option<&'static str> {
+        match self.get(name) {
+            Some(ArgValue::Op(op)) => Some(op),
+            _ => None,
+        }
+    }
+
     /// A list argument.
     pub fn list(&self, name: &str) -> Vec<i64> {
         match self.get(name) {
@@ -457,6 +491,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     pool::DEFS,
     reshape::DEFS,
     merge::DEFS,
+    sequence::DEFS,
     layout::DEFS,
 ];
 
