@@ -1340,6 +1340,7 @@ impl<'p> Elaborator<'p> {
                     }
                     ops::ArgDefault::Float(v) => ops::ArgValue::Float(v),
                     ops::ArgDefault::Bool(v) => ops::ArgValue::Bool(v),
+                    ops::ArgDefault::Str(v) => ops::ArgValue::Choice(v),
                     ops::ArgDefault::SameAs(other) => match out.iter().find(|(n, _)| *n == other) {
                         Some((_, v)) => v.clone(),
                         None => continue,
@@ -1362,7 +1363,7 @@ impl<'p> Elaborator<'p> {
         use ops::{ArgKind::*, ArgValue};
         let int_min = match spec.kind {
             PosInt | PosPair => Some(1),
-            NonNegInt | NonNegPair => Some(0),
+            NonNegInt | NonNegPair | NonNegSides => Some(0),
             _ => None,
         };
         let checked = |n: i64| -> Result<i64, String> {
@@ -1405,6 +1406,55 @@ impl<'p> Elaborator<'p> {
                         (Err(e), _) | (_, Err(e)) => Err(Some(e)),
                     },
                     _ => Err(None),
+                }
+            }
+            (NonNegSides, Value::Int(n)) => checked(*n)
+                .map(|n| ArgValue::Sides([n as u64; 4]))
+                .map_err(Some),
+            (NonNegSides, Value::Tuple(xs) | Value::List(xs)) if matches!(xs.len(), 2 | 4) => {
+                let sizes: Option<Vec<i64>> = xs
+                    .iter()
+                    .map(|x| match x {
+                        Value::Int(n) => Some(*n),
+                        _ => None,
+                    })
+                    .collect();
+                match sizes {
+                    Some(sizes) => match sizes.iter().find_map(|n| checked(*n).err()) {
+                        Some(bad) => Err(Some(bad)),
+                        None => {
+                            let s: Vec<u64> = sizes.iter().map(|n| *n as u64).collect();
+                            Ok(ArgValue::Sides(match s.as_slice() {
+                                [h, w] => [*h, *h, *w, *w],
+                                _ => [s[0], s[1], s[2], s[3]],
+                            }))
+                        }
+                    },
+                    None => Err(None),
+                }
+            }
+            (Choice(choices), Value::Str(given)) => {
+                match choices.iter().find(|c| **c == &**given) {
+                    Some(c) => Ok(ArgValue::Choice(c)),
+                    None => {
+                        let list = ops::quoted_choices(choices);
+                        let help = match did_you_mean(given, choices.iter().copied()) {
+                            Some(c) => format!("did you mean \"{c}\"? `{}` is {list}", spec.name),
+                            None => format!("`{}` is {list}", spec.name),
+                        };
+                        self.error(
+                            Diag::new(
+                                "dlc::unknown_choice",
+                                format!(
+                                    "`{}` of `{}` must be {list}, found \"{given}\"",
+                                    spec.name, def.name
+                                ),
+                            )
+                            .label(span, format!("not a known `{}`", spec.name))
+                            .help(help),
+                        );
+                        return None;
+                    }
                 }
             }
             (IntList, Value::List(xs) | Value::Tuple(xs)) => {
@@ -2112,6 +2162,7 @@ fn signature(def: &OpDef) -> String {
             ops::ArgDefault::Int(v) => format!("{} = {v}", p.name),
             ops::ArgDefault::Float(v) => format!("{} = {v}", p.name),
             ops::ArgDefault::Bool(v) => format!("{} = {v}", p.name),
+            ops::ArgDefault::Str(v) => format!("{} = \"{v}\"", p.name),
             ops::ArgDefault::SameAs(o) => format!("{} = {o}", p.name),
             ops::ArgDefault::Absent => format!("{}?", p.name),
         })

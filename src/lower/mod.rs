@@ -11,6 +11,7 @@ pub mod linear;
 pub mod norm;
 pub mod params;
 pub mod pool;
+pub mod spatial;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -27,6 +28,7 @@ enum Layer {
     Input(usize),
     Identity,
     Conv(conv::Conv),
+    ConvTranspose(conv::ConvTranspose),
     Linear(linear::Linear),
     BatchNorm(norm::BatchNorm),
     LayerNorm(norm::LayerNorm),
@@ -40,6 +42,9 @@ enum Layer {
     Reshape(Vec<usize>),
     Add,
     Concat(usize),
+    Upsample(spatial::Resize),
+    Pad([usize; 4]),
+    Crop((usize, usize), (usize, usize)),
 }
 
 /// A model lowered to candle: layers in topological order over a shared [`State`].
@@ -96,6 +101,9 @@ impl Network {
                 Op::Input(_) => Layer::Input(g.inputs.iter().position(|i| *i == idx).unwrap_or(0)),
                 Op::Output => Layer::Identity,
                 Op::Conv(c) => Layer::Conv(conv::Conv::new(&mut state, name, c, in_dims[1])?),
+                Op::ConvTranspose(c) => Layer::ConvTranspose(conv::ConvTranspose::new(
+                    &mut state, name, c, in_dims[1],
+                )?),
                 Op::Linear(l) => Layer::Linear(linear::Linear::new(
                     &mut state,
                     name,
@@ -123,6 +131,22 @@ impl Network {
                 Op::Reshape(_) => Layer::Reshape(dims(g, idx, 0)[1..].to_vec()),
                 Op::Add => Layer::Add,
                 Op::Concat(c) => Layer::Concat(axis(c.axis, in_dims.len())),
+                Op::Upsample(u) => {
+                    let out = dims(g, idx, 0);
+                    Layer::Upsample(spatial::Resize::new(
+                        u,
+                        (in_dims[2], in_dims[3]),
+                        (out[2], out[3]),
+                    ))
+                }
+                Op::Pad(p) => Layer::Pad(p.sides.map(|s| s as usize)),
+                Op::Crop(c) => {
+                    let (top, left) = c.origin(in_dims[2] as u64, in_dims[3] as u64);
+                    Layer::Crop(
+                        (top as usize, left as usize),
+                        (c.size.0 as usize, c.size.1 as usize),
+                    )
+                }
             };
             for o in &ins {
                 last_use[o.node.index()] = idx.index();
@@ -166,6 +190,7 @@ impl Network {
                     .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
                 Layer::Identity => one()?.clone(),
                 Layer::Conv(c) => c.forward(one()?)?,
+                Layer::ConvTranspose(c) => c.forward(one()?)?,
                 Layer::Linear(l) => l.forward(one()?)?,
                 Layer::BatchNorm(b) => b.forward(one()?, train)?,
                 Layer::LayerNorm(l) => l.forward(one()?)?,
@@ -195,6 +220,9 @@ impl Network {
                     acc
                 }
                 Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
+                Layer::Upsample(r) => r.forward(one()?)?,
+                Layer::Pad(sides) => spatial::pad(one()?, *sides)?,
+                Layer::Crop(origin, size) => spatial::crop(one()?, *origin, *size)?,
             }];
             for (j, _) in &self.inputs[i] {
                 if self.last_use[*j] == i && !self.outputs.contains(j) {
