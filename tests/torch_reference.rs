@@ -334,6 +334,7 @@ fn dlc_value(v: &serde_json::Value) -> String {
             Some(i) => i.to_string(),
             None => format!("{:?}", n.as_f64().unwrap()),
         },
+        serde_json::Value::String(s) => format!("{s:?}"),
         serde_json::Value::Array(items) => {
             let parts: Vec<String> = items.iter().map(dlc_value).collect();
             format!("({})", parts.join(", "))
