@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::diagnostics::{Diag, Span, did_you_mean};
-use crate::ir::{DType, Dim, Graph, Outlet, ScopeId, ScopeKind, Shape};
+use crate::ir::{DType, Dim, Graph, Outlet, ScopeId, ScopeItem, ScopeKind, Shape};
 use crate::ops::{self, Op, OpDef};
 use crate::program::{ModelSource, Program};
 use crate::syntax::ast::*;
@@ -852,6 +852,23 @@ impl<'p> Elaborator<'p> {
 
     fn term(&mut self, term: &'p Term, flow: Flow) -> Step {
         let label = self.label(term);
+        self.term_at(term, label, flow)
+    }
+
+    /// A term under its label; a dotted label `a.b` first enters the group `a` of the current
+    /// scope (continuing it, or making it) and labels the term `b` there.
+    fn term_at(&mut self, term: &'p Term, label: Option<(String, Span)>, flow: Flow) -> Step {
+        if let Some((path, span)) = &label
+            && let Some((group, rest)) = path.split_once('.')
+        {
+            let Some(id) = self.group_scope(group, *span) else {
+                return Step::Flow(Some(Value::Poison));
+            };
+            let saved = std::mem::replace(&mut self.scope, id);
+            let step = self.term_at(term, Some((rest.to_string(), *span)), flow);
+            self.scope = saved;
+            return step;
+        }
         match &term.kind {
             // A labelled `if` names the layers it chooses, like a labelled group.
             TermKind::Expr(
@@ -882,6 +899,35 @@ impl<'p> Elaborator<'p> {
                 None => Step::Flow(self.construct(&term.kind, term.span, flow)),
             },
         }
+    }
+
+    /// The group `local` of the current scope, for a dotted label: the one already there
+    /// (a group or block call), or a new group.
+    fn group_scope(&mut self, local: &str, span: Span) -> Option<ScopeId> {
+        if !self.scope_state[self.scope].names.contains_key(local) {
+            let name = self.unique_name(Some((local.to_string(), span)), span);
+            let id = self.g.open_scope(self.scope, &name, ScopeKind::Group, span);
+            self.scope_state.push(ScopeState::default());
+            return Some(id);
+        }
+        let found = self.g.scopes[self.scope].items.iter().find_map(|item| match item {
+            ScopeItem::Scope(id) if self.g.scopes[*id].local == local => Some(*id),
+            _ => None,
+        });
+        if found.is_none() {
+            let path = crate::ir::join(&self.g.scopes[self.scope].path, local);
+            let first = self.scope_state[self.scope].names[local];
+            self.error(
+                Diag::new(
+                    "dlc::bad_label",
+                    format!("`{path}` is a layer or tensor, not a group"),
+                )
+                .label(span, format!("puts a layer inside `{path}`"))
+                .label(first, format!("`{path}` is defined here"))
+                .help("a dotted label `a.b` adds to the group or block call labelled `a` in the same body"),
+            );
+        }
+        found
     }
 
     fn in_scope<T>(
@@ -938,8 +984,9 @@ impl<'p> Elaborator<'p> {
                     rest = &rest[open + close + 1..];
                 }
                 out.push_str(rest);
-                let valid =
-                    !out.is_empty() && out.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let valid = out.split('.').all(|part| {
+                    !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
                 if !valid {
                     self.error(
                         Diag::new(
@@ -947,7 +994,7 @@ impl<'p> Elaborator<'p> {
                             format!("`{out}` is not a valid layer name"),
                         )
                         .label(*span, "this name")
-                        .help("layer names use letters, digits and `_`"),
+                        .help("layer names use letters, digits and `_` (and `.` between the parts of a path)"),
                     );
                     return None;
                 }
