@@ -18,6 +18,10 @@ seed, and running the script twice writes byte-identical files.
   shortcut and stride 2, keys prefixed ``block.``; eval-mode and train-mode outputs,
   train-mode gradients and the running statistics after the train-mode step. Its dlc
   spec is ``tests/fixtures/torch/basic_block.dlc`` (hand-written, not made here).
+* ``tests/reference/state_dicts/<model>.tsv``: the state-dict keys and shapes (no values) of
+  models whose weights are too large to ship: torchvision's ``fcn_resnet50`` (with and
+  without the aux head) and ``fcn_resnet101``, and d2l's FCN. ``tests/lowering.rs`` checks
+  that the lowered spec has exactly these names and shapes.
 
 Key conventions (every file)
 ----------------------------
@@ -309,6 +313,11 @@ def make_ops():
                         hw=(2, 3),
                         note="d2l's FCN upsampling (kernel 2s, stride s, padding s/2) scaled "
                              "down from s = 32 to s = 4: 2x3 -> 8x12")
+    conv_transpose_case("op_conv_transpose_d2l_head", 2, 2, (64, 64), stride=(32, 32),
+                        pad=(16, 16), hw=(2, 3),
+                        note="d2l's FCN transpose_conv geometry exactly (kernel 64, stride 32, "
+                             "padding 16: 2x3 -> 64x96, as 10x15 -> 320x480), with 2 channels "
+                             "instead of 21 to keep the file small")
 
     # --- upsample ---
     upsample_case("op_upsample_nearest2", "nearest", factor=2)
@@ -577,6 +586,48 @@ def make_basic_block():
     return trainable
 
 
+# ---------------------------------------------------------------------------------------
+# State-dict key lists of models too large for a fixture
+# ---------------------------------------------------------------------------------------
+
+KEYS = ROOT / "tests" / "reference" / "state_dicts"
+
+
+def d2l_fcn(num_classes=21):
+    """d2l §14.11's FCN, built as the book builds it."""
+    from torchvision.models import resnet18
+    net = nn.Sequential(*list(resnet18().children())[:-2])
+    net.add_module("final_conv", nn.Conv2d(512, num_classes, kernel_size=1))
+    net.add_module("transpose_conv", nn.ConvTranspose2d(num_classes, num_classes,
+                                                        kernel_size=64, padding=16, stride=32))
+    return net
+
+
+def make_state_dict_keys():
+    """`<model>.tsv`: every state-dict key (parameters and buffers, without
+    `num_batches_tracked`) with its shape, in the model's order; the first line names the
+    spec and the reference. Small enough to ship where the weights are not."""
+    from torchvision.models.segmentation import fcn_resnet50, fcn_resnet101
+    models = [
+        ("fcn_resnet50", "specs/fcn.dlc", "torchvision fcn_resnet50(aux_loss=True)",
+         lambda: fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True)),
+        ("fcn_resnet50_noaux", "specs/fcn.dlc", "torchvision fcn_resnet50(aux_loss=False)",
+         lambda: fcn_resnet50(weights=None, weights_backbone=None, aux_loss=False)),
+        ("fcn_resnet101", "specs/fcn.dlc", "torchvision fcn_resnet101(aux_loss=True)",
+         lambda: fcn_resnet101(weights=None, weights_backbone=None, aux_loss=True)),
+        ("d2l_fcn", "specs/fcn.dlc", "d2l's FCN: resnet18 children[:-2], final_conv, "
+         "transpose_conv", d2l_fcn),
+    ]
+    KEYS.mkdir(parents=True, exist_ok=True)
+    for name, spec, source, build in models:
+        model = build()
+        lines = [f"# spec: {spec}\tmodel: {name}\treference: {source}, torch {torch.__version__}"]
+        for k, v in model.state_dict().items():
+            if not k.endswith("num_batches_tracked"):
+                lines.append(f"{k}\t{list(v.shape)}")
+        (KEYS / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -584,6 +635,7 @@ def main():
     make_ops()
     make_lenet()
     n = make_basic_block()
+    make_state_dict_keys()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "

@@ -280,7 +280,7 @@ impl ArgKind {
             ArgKind::NonNegSides => {
                 "a non-negative integer, a pair `(h, w)` or four sides `(top, bottom, left, right)`"
             }
-            ArgKind::Choice(choices) => return format!("one of {}", quoted_choices(choices)),
+            ArgKind::Choice(choices) => return quoted_choices(choices),
             ArgKind::Tensor => "a tensor",
         };
         words.to_string()
