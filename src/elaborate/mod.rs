@@ -1209,10 +1209,22 @@ impl<'p> Elaborator<'p> {
         flow: Flow,
     ) -> Flow {
         let local = self.unique_name(label, span);
-        let values: Vec<(Option<&'p Ident>, Value, Span)> = args
-            .iter()
-            .map(|a| (a.name.as_ref(), self.eval(&a.value, &flow), a.span))
-            .collect();
+        let mut positional = 0;
+        let mut values: Vec<(Option<&'p Ident>, Value, Span)> = Vec::new();
+        for a in args {
+            let spec = match &a.name {
+                Some(k) => def.params.iter().find(|p| p.name == k.name),
+                None => {
+                    positional += 1;
+                    def.params.get(positional - 1)
+                }
+            };
+            let value = match spec {
+                Some(spec) if self.unquoted_choice(def, spec, &a.value) => Value::Poison,
+                _ => self.eval(&a.value, &flow),
+            };
+            values.push((a.name.as_ref(), value, a.span));
+        }
         let mut extra = Vec::new();
         let mut rest = Vec::new();
         let mut poisoned = false;
@@ -1246,6 +1258,37 @@ impl<'p> Elaborator<'p> {
         inputs.extend(extra);
         inputs.extend(bound.tensors());
         self.wire(&local, op, span, &inputs)
+    }
+
+    /// Reports a choice written without quotes (`mode: bilinear`): an unbound name where a
+    /// choice argument expects one of its strings.
+    fn unquoted_choice(&mut self, def: &OpDef, spec: &ops::ParamSpec, e: &Expr) -> bool {
+        let (ops::ArgKind::Choice(choices), ExprKind::Var(name)) = (spec.kind, &e.kind) else {
+            return false;
+        };
+        if self.lookup(name).is_some() {
+            return false;
+        }
+        let Some(choice) = choices
+            .iter()
+            .copied()
+            .find(|c| *c == name.as_str())
+            .or_else(|| did_you_mean(name, choices.iter().copied()))
+        else {
+            return false;
+        };
+        self.error(
+            Diag::new(
+                "dlc::unknown_choice",
+                format!(
+                    "`{}` of `{}` is a string, but `{name}` is written without quotes",
+                    spec.name, def.name
+                ),
+            )
+            .label(e.span, "not a string")
+            .help(format!("write `{}: \"{choice}\"`", spec.name)),
+        );
+        true
     }
 
     /// Wires a node in the current scope, turning a shape error into a diagnostic at `span`.
