@@ -291,6 +291,11 @@ def make_ops():
                    "gradient is zero (the case where candle's conv2d backward breaks)")
     conv_case("op_conv_k1g2", 4, 6, (1, 1), groups=2)
     conv_case("op_conv_dil2", 3, 4, (3, 3), pad=(1, 1), dilation=(2, 2))
+    conv_case("op_conv_d2p2", 3, 4, (3, 3), pad=(2, 2), dilation=(2, 2), bias=False,
+              note="torchvision's dilated ResNet 3x3 (padding = dilation = 2, FCN layer3)")
+    conv_case("op_conv_d4p4", 3, 4, (3, 3), pad=(4, 4), dilation=(4, 4), bias=False,
+              hw=(9, 11),
+              note="torchvision's dilated ResNet 3x3 (padding = dilation = 4, FCN layer4)")
     conv_case("op_conv_nobias", 3, 4, (3, 3), pad=(1, 1), bias=False)
     conv_case("op_conv_k3x5p1x2", 3, 4, (3, 5), pad=(1, 2),
               note="Non-square kernel (3, 5), padding (1, 2)")
