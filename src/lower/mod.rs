@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod norm;
 pub mod params;
@@ -45,6 +46,12 @@ enum Layer {
     Upsample(spatial::Resize),
     Pad([usize; 4]),
     Crop((usize, usize), (usize, usize)),
+    Select(usize, i64),
+    Slice(usize, i64, Option<i64>),
+    Transpose(usize, usize),
+    Permute(Vec<usize>),
+    Broadcast(usize),
+    Mul,
 }
 
 /// A model lowered to candle: layers in topological order over a shared [`State`].
@@ -147,6 +154,14 @@ impl Network {
                         (c.size.0 as usize, c.size.1 as usize),
                     )
                 }
+                Op::Select(s) => Layer::Select(axis(s.axis, in_dims.len()), s.index),
+                Op::Slice(s) => Layer::Slice(axis(s.axis, in_dims.len()), s.start, s.end),
+                Op::Transpose(t) => {
+                    Layer::Transpose(axis(t.a, in_dims.len()), axis(t.b, in_dims.len()))
+                }
+                Op::Permute(p) => Layer::Permute(p.dims.clone()),
+                Op::Broadcast(b) => Layer::Broadcast(axis(b.axis, in_dims.len() + 1)),
+                Op::Mul => Layer::Mul,
             };
             for o in &ins {
                 last_use[o.node.index()] = idx.index();
@@ -223,6 +238,17 @@ impl Network {
                 Layer::Upsample(r) => r.forward(one()?)?,
                 Layer::Pad(sides) => spatial::pad(one()?, *sides)?,
                 Layer::Crop(origin, size) => spatial::crop(one()?, *origin, *size)?,
+                Layer::Select(axis, at) => layout::select(one()?, *axis, *at)?,
+                Layer::Slice(axis, start, end) => layout::slice(one()?, *axis, *start, *end)?,
+                Layer::Transpose(a, b) => layout::transpose(one()?, *a, *b)?,
+                Layer::Permute(dims) => layout::permute(one()?, dims)?,
+                Layer::Broadcast(axis) => {
+                    let like = args.get(1).ok_or_else(|| {
+                        candle_core::Error::Msg("broadcast without `like`".into())
+                    })?;
+                    layout::broadcast(one()?, like, *axis)?
+                }
+                Layer::Mul => layout::mul(&args)?,
             }];
             for (j, _) in &self.inputs[i] {
                 if self.last_use[*j] == i && !self.outputs.contains(j) {

@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod merge;
 pub mod norm;
@@ -133,6 +134,18 @@ pub enum Op {
     Pad(spatial::Pad),
     /// A window of the spatial axes.
     Crop(spatial::Crop),
+    /// One index of an axis, the axis dropped.
+    Select(layout::Select),
+    /// A range of an axis.
+    Slice(layout::Slice),
+    /// Two axes swapped.
+    Transpose(layout::Transpose),
+    /// Axes reordered.
+    Permute(layout::Permute),
+    /// A new axis, repeated to another tensor's size.
+    Broadcast(layout::Broadcast),
+    /// Elementwise product with broadcasting.
+    Mul,
 }
 
 impl Op {
@@ -159,6 +172,12 @@ impl Op {
             Op::Upsample(_) => "upsample",
             Op::Pad(_) => "pad",
             Op::Crop(_) => "crop",
+            Op::Select(_) => "select",
+            Op::Slice(_) => "slice",
+            Op::Transpose(_) => "transpose",
+            Op::Permute(_) => "permute",
+            Op::Broadcast(_) => "broadcast",
+            Op::Mul => "mul",
         }
     }
 
@@ -172,7 +191,16 @@ impl Op {
 
     /// Whether the op takes token-id tensors (every other op needs real numbers).
     pub fn accepts_tokens(&self) -> bool {
-        matches!(self, Op::Input(_) | Op::Output)
+        matches!(
+            self,
+            Op::Input(_)
+                | Op::Output
+                | Op::Select(_)
+                | Op::Slice(_)
+                | Op::Transpose(_)
+                | Op::Permute(_)
+                | Op::Broadcast(_)
+        )
     }
 
     /// Output shapes for the given input shapes.
@@ -182,7 +210,10 @@ impl Op {
         {
             return Err(ShapeError::new(
                 "dlc::wrong_dtype",
-                format!("`{}` needs real numbers, but it receives token ids {ids}", self.kind()),
+                format!(
+                    "`{}` needs real numbers, but it receives token ids {ids}",
+                    self.kind()
+                ),
                 "turn token ids into vectors first: `embedding(vocab, dim)` or `one_hot(vocab)`",
             ));
         }
@@ -205,6 +236,12 @@ impl Op {
             Op::Upsample(u) => one(u.infer(&first(inputs)?)),
             Op::Pad(p) => one(p.infer(&first(inputs)?)),
             Op::Crop(c) => one(c.infer(&first(inputs)?)),
+            Op::Select(s) => one(s.infer(&first(inputs)?)),
+            Op::Slice(s) => one(s.infer(&first(inputs)?)),
+            Op::Transpose(t) => one(t.infer(&first(inputs)?)),
+            Op::Permute(p) => one(p.infer(&first(inputs)?)),
+            Op::Broadcast(b) => one(b.infer(inputs)),
+            Op::Mul => one(layout::infer_mul(inputs)),
         }
     }
 
@@ -481,6 +518,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     reshape::DEFS,
     merge::DEFS,
     spatial::DEFS,
+    layout::DEFS,
 ];
 
 /// Looks an op up by name.
