@@ -182,7 +182,11 @@ fn fcn_resnet50_has_two_full_size_outputs() {
         .state
         .params
         .iter()
-        .filter(|(k, _)| net.state.buffers.contains_key(&k.replace(".weight", ".running_mean")))
+        .filter(|(k, _)| {
+            net.state
+                .buffers
+                .contains_key(&k.replace(".weight", ".running_mean"))
+        })
         .map(|(_, v)| 2 * v.elem_count())
         .sum();
     assert_eq!(net.state.buffer_count(), bn_params);

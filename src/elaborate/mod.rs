@@ -910,10 +910,13 @@ impl<'p> Elaborator<'p> {
             self.scope_state.push(ScopeState::default());
             return Some(id);
         }
-        let found = self.g.scopes[self.scope].items.iter().find_map(|item| match item {
-            ScopeItem::Scope(id) if self.g.scopes[*id].local == local => Some(*id),
-            _ => None,
-        });
+        let found = self.g.scopes[self.scope]
+            .items
+            .iter()
+            .find_map(|item| match item {
+                ScopeItem::Scope(id) if self.g.scopes[*id].local == local => Some(*id),
+                _ => None,
+            });
         if found.is_none() {
             let path = crate::ir::join(&self.g.scopes[self.scope].path, local);
             let first = self.scope_state[self.scope].names[local];

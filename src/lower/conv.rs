@@ -118,7 +118,11 @@ impl ConvTranspose {
         let per_group = cfg.out as usize / cfg.groups as usize;
         let weight = state.weight(&format!("{name}.weight"), &[in_channels, per_group, kh, kw])?;
         let bias = if cfg.bias {
-            Some(state.bias(&format!("{name}.bias"), cfg.out as usize, per_group * kh * kw)?)
+            Some(state.bias(
+                &format!("{name}.bias"),
+                cfg.out as usize,
+                per_group * kh * kw,
+            )?)
         } else {
             None
         };
@@ -287,7 +291,9 @@ mod tests {
         let ins = |d: usize| {
             let axis = |i: usize, p: (u64, u64)| if i == 0 { p.0 } else { p.1 } as usize;
             let n = if d == 0 { h } else { wd };
-            (n - 1) * axis(d, c.stride) + axis(d, c.dilation) * (axis(d, c.kernel) - 1) + 1
+            (n - 1) * axis(d, c.stride)
+                + axis(d, c.dilation) * (axis(d, c.kernel) - 1)
+                + 1
                 + axis(d, c.output_padding)
                 - 2 * axis(d, c.pad)
         };

@@ -108,9 +108,9 @@ impl Network {
                 Op::Input(_) => Layer::Input(g.inputs.iter().position(|i| *i == idx).unwrap_or(0)),
                 Op::Output => Layer::Identity,
                 Op::Conv(c) => Layer::Conv(conv::Conv::new(&mut state, name, c, in_dims[1])?),
-                Op::ConvTranspose(c) => Layer::ConvTranspose(conv::ConvTranspose::new(
-                    &mut state, name, c, in_dims[1],
-                )?),
+                Op::ConvTranspose(c) => {
+                    Layer::ConvTranspose(conv::ConvTranspose::new(&mut state, name, c, in_dims[1])?)
+                }
                 Op::Linear(l) => Layer::Linear(linear::Linear::new(
                     &mut state,
                     name,

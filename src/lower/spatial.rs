@@ -85,7 +85,9 @@ impl AxisPlan {
         let weight = |w: &[f64]| {
             let mut shape = [1usize; 4];
             shape[axis] = w.len();
-            Tensor::new(w, dev)?.to_dtype(x.dtype())?.reshape(&shape[..])
+            Tensor::new(w, dev)?
+                .to_dtype(x.dtype())?
+                .reshape(&shape[..])
         };
         a.broadcast_mul(&weight(w0)?)?
             .add(&b.broadcast_mul(&weight(w1)?)?)

@@ -51,40 +51,40 @@ pub struct ConvTranspose2d {
 /// The conv family.
 pub const DEFS: &[OpDef] = &[
     OpDef {
-    name: "conv",
-    summary: "2-D convolution over [N, C, H, W]; weight [out, C/groups, kh, kw]",
-    params: &[
-        param("out", PosInt, D::Required),
-        param("kernel", PosPair, D::Required),
-        param("stride", PosPair, D::Int(1)),
-        param("pad", NonNegPair, D::Int(0)),
-        param("dilation", PosPair, D::Int(1)),
-        param("groups", PosInt, D::Int(1)),
-        param("bias", Bool, D::Bool(true)),
-    ],
-    arity: Arity::One,
-    build: |a: &Args| {
-        let conv = Conv2d {
-            out: a.size("out"),
-            kernel: a.pair("kernel"),
-            stride: a.pair("stride"),
-            pad: a.pair("pad"),
-            dilation: a.pair("dilation"),
-            groups: a.size("groups"),
-            bias: a.bool("bias"),
-        };
-        if !conv.out.is_multiple_of(conv.groups) {
-            return Err((
-                "groups",
-                format!(
-                    "{} output channels cannot be split into {} groups",
-                    conv.out, conv.groups
-                ),
-            ));
-        }
-        Ok(Op::Conv(conv))
+        name: "conv",
+        summary: "2-D convolution over [N, C, H, W]; weight [out, C/groups, kh, kw]",
+        params: &[
+            param("out", PosInt, D::Required),
+            param("kernel", PosPair, D::Required),
+            param("stride", PosPair, D::Int(1)),
+            param("pad", NonNegPair, D::Int(0)),
+            param("dilation", PosPair, D::Int(1)),
+            param("groups", PosInt, D::Int(1)),
+            param("bias", Bool, D::Bool(true)),
+        ],
+        arity: Arity::One,
+        build: |a: &Args| {
+            let conv = Conv2d {
+                out: a.size("out"),
+                kernel: a.pair("kernel"),
+                stride: a.pair("stride"),
+                pad: a.pair("pad"),
+                dilation: a.pair("dilation"),
+                groups: a.size("groups"),
+                bias: a.bool("bias"),
+            };
+            if !conv.out.is_multiple_of(conv.groups) {
+                return Err((
+                    "groups",
+                    format!(
+                        "{} output channels cannot be split into {} groups",
+                        conv.out, conv.groups
+                    ),
+                ));
+            }
+            Ok(Op::Conv(conv))
+        },
     },
-},
     OpDef {
         name: "conv_transpose",
         summary: "2-D transposed convolution over [N, C, H, W]; weight [C, out/groups, kh, kw]",
@@ -248,7 +248,12 @@ impl ConvTranspose2d {
     /// `[N, C, H, W] -> [N, out, H', W']`, `H' = (H − 1)·stride − 2·pad + dilation·(kernel − 1)
     /// + output_padding + 1`.
     pub fn infer(&self, input: &Shape) -> Result<Shape, ShapeError> {
-        expect_rank(input, &[4], "conv_transpose", "an image tensor [N, C, H, W]")?;
+        expect_rank(
+            input,
+            &[4],
+            "conv_transpose",
+            "an image tensor [N, C, H, W]",
+        )?;
         let dims = known_dims(input, 1, "conv_transpose")?;
         let (c, h, w) = (dims[0], dims[1], dims[2]);
         if c % self.groups != 0 {
@@ -275,13 +280,26 @@ impl ConvTranspose2d {
         match (along(h, 0), along(w, 1)) {
             (Some(oh), Some(ow)) => Ok(batched(&input.0[0], [self.out, oh, ow])),
             _ => {
-                let full = |n: u64, k: u64, s: u64, d: u64, op: u64| (n - 1) * s + d * (k - 1) + op + 1;
+                let full =
+                    |n: u64, k: u64, s: u64, d: u64, op: u64| (n - 1) * s + d * (k - 1) + op + 1;
                 Err(ShapeError::new(
                     "dlc::empty_output",
                     format!(
                         "`conv_transpose` cannot produce an output from {h}×{w}: before padding it is {}×{}, and padding {}×{} removes {}×{}",
-                        full(h, self.kernel.0, self.stride.0, self.dilation.0, self.output_padding.0),
-                        full(w, self.kernel.1, self.stride.1, self.dilation.1, self.output_padding.1),
+                        full(
+                            h,
+                            self.kernel.0,
+                            self.stride.0,
+                            self.dilation.0,
+                            self.output_padding.0
+                        ),
+                        full(
+                            w,
+                            self.kernel.1,
+                            self.stride.1,
+                            self.dilation.1,
+                            self.output_padding.1
+                        ),
                         self.pad.0,
                         self.pad.1,
                         2 * self.pad.0,
