@@ -28,6 +28,10 @@ seed, and running the script twice writes byte-identical files.
   its Bahdanau-attention variant (re-written here from d2l 0.17's code), small sizes, eval
   mode, teacher forcing on ``input.src`` and ``input.tgt``; keys are d2l's state-dict keys.
   The script also asserts PyTorch's parameter counts of the seven shipped sequence models.
+* ``tests/reference/state_dicts/<model>.tsv``: the state-dict keys and shapes (no values) of
+  models whose weights are too large to ship: torchvision's ``fcn_resnet50`` (with and
+  without the aux head) and ``fcn_resnet101``, and d2l's FCN. ``tests/lowering.rs`` checks
+  that the lowered spec has exactly these names and shapes.
 
 Key conventions (every file)
 ----------------------------
@@ -224,6 +228,49 @@ def conv_case(name, cin, out, kernel, stride=(1, 1), pad=(0, 0), dilation=(1, 1)
     op_fixture(name, config, desc, x, module=conv)
 
 
+def conv_transpose_case(name, cin, out, kernel, stride=(1, 1), pad=(0, 0), output_padding=(0, 0),
+                        groups=1, dilation=(1, 1), bias=True, hw=(7, 9), note=""):
+    g = gen(name)
+    x = randn(g, 2, cin, *hw)
+    conv = nn.ConvTranspose2d(cin, out, kernel, stride=stride, padding=pad,
+                              output_padding=output_padding, groups=groups, bias=bias,
+                              dilation=dilation).to(DTYPE)
+    fan_in = (out // groups) * kernel[0] * kernel[1]
+    with torch.no_grad():
+        conv.weight.copy_(randn(g, *conv.weight.shape, scale=1 / math.sqrt(fan_in)))
+        if bias:
+            conv.bias.copy_(randn(g, out, scale=0.5))
+    config = {"op": "conv_transpose", "out": out, "kernel": list(kernel), "stride": list(stride),
+              "pad": list(pad), "output_padding": list(output_padding), "groups": groups,
+              "dilation": list(dilation), "bias": bias}
+    desc = (f"nn.ConvTranspose2d({cin}, {out}, kernel_size={tuple(kernel)}, stride={tuple(stride)}, "
+            f"padding={tuple(pad)}, output_padding={tuple(output_padding)}, groups={groups}, "
+            f"bias={bias}, dilation={tuple(dilation)}) on input [2, {cin}, {hw[0]}, {hw[1]}]; "
+            f"weight [{cin}, {out // groups}, {kernel[0]}, {kernel[1]}]; backward of "
+            f"sum(output * grad_output)" + (f". {note}" if note else ""))
+    op_fixture(name, config, desc, x, module=conv)
+
+
+def upsample_case(name, mode, factor=None, size=None, align_corners=None, hw=(7, 9), note=""):
+    g = gen(name)
+    x = randn(g, 2, 3, *hw)
+    config = {"op": "upsample", "mode": mode}
+    kwargs = {"mode": mode}
+    if factor is not None:
+        config["factor"] = factor
+        kwargs["scale_factor"] = factor
+    if size is not None:
+        config["size"] = list(size)
+        kwargs["size"] = tuple(size)
+    if align_corners is not None:
+        config["align_corners"] = align_corners
+        kwargs["align_corners"] = align_corners
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    desc = (f"F.interpolate(input, {args}) on input [2, 3, {hw[0]}, {hw[1]}]; backward of "
+            f"sum(output * grad_output)" + (f". {note}" if note else ""))
+    op_fixture(name, config, desc, x, fn=lambda t: F.interpolate(t, **kwargs))
+
+
 def pool_case(name, kind, kernel, stride, pad=(0, 0), ceil=False, count_pad=True, hw=(7, 9),
               note=""):
     g = gen(name)
@@ -254,9 +301,70 @@ def make_ops():
                    "gradient is zero (the case where candle's conv2d backward breaks)")
     conv_case("op_conv_k1g2", 4, 6, (1, 1), groups=2)
     conv_case("op_conv_dil2", 3, 4, (3, 3), pad=(1, 1), dilation=(2, 2))
+    conv_case("op_conv_d2p2", 3, 4, (3, 3), pad=(2, 2), dilation=(2, 2), bias=False,
+              note="torchvision's dilated ResNet 3x3 (padding = dilation = 2, FCN layer3)")
+    conv_case("op_conv_d4p4", 3, 4, (3, 3), pad=(4, 4), dilation=(4, 4), bias=False,
+              hw=(9, 11),
+              note="torchvision's dilated ResNet 3x3 (padding = dilation = 4, FCN layer4)")
     conv_case("op_conv_nobias", 3, 4, (3, 3), pad=(1, 1), bias=False)
     conv_case("op_conv_k3x5p1x2", 3, 4, (3, 5), pad=(1, 2),
               note="Non-square kernel (3, 5), padding (1, 2)")
+
+    # --- conv_transpose ---
+    conv_transpose_case("op_conv_transpose_s2op1g2", 4, 6, (3, 3), stride=(2, 2), pad=(1, 1),
+                        output_padding=(1, 1), groups=2,
+                        note="Stride 2 with output_padding 1 doubles 7x9 to 14x18; two groups")
+    conv_transpose_case("op_conv_transpose_k4s2p1", 3, 4, (4, 4), stride=(2, 2), pad=(1, 1),
+                        bias=False, note="The usual 2x upsampling layer (DCGAN, U-Net variants)")
+    conv_transpose_case("op_conv_transpose_d2op1", 3, 2, (3, 3), pad=(2, 2),
+                        output_padding=(1, 1), dilation=(2, 2),
+                        note="Output padding 1 with stride 1, allowed because the dilation is 2: "
+                             "the extra row and column hold real values")
+    conv_transpose_case("op_conv_transpose_k3x5", 2, 3, (3, 5), stride=(3, 3), pad=(1, 2),
+                        output_padding=(2, 0), hw=(4, 5),
+                        note="Non-square kernel and padding; output padding 2 along H exceeds "
+                             "the padding 1, so the last row is zero before the bias")
+    conv_transpose_case("op_conv_transpose_fcn", 3, 3, (8, 8), stride=(4, 4), pad=(2, 2),
+                        hw=(2, 3),
+                        note="d2l's FCN upsampling (kernel 2s, stride s, padding s/2) scaled "
+                             "down from s = 32 to s = 4: 2x3 -> 8x12")
+    conv_transpose_case("op_conv_transpose_d2l_head", 2, 2, (64, 64), stride=(32, 32),
+                        pad=(16, 16), hw=(2, 3),
+                        note="d2l's FCN transpose_conv geometry exactly (kernel 64, stride 32, "
+                             "padding 16: 2x3 -> 64x96, as 10x15 -> 320x480), with 2 channels "
+                             "instead of 21 to keep the file small")
+
+    # --- upsample ---
+    upsample_case("op_upsample_nearest2", "nearest", factor=2)
+    upsample_case("op_upsample_nearest_size", "nearest", size=(10, 20),
+                  note="Non-integer ratios 7 -> 10 and 9 -> 20: source floor(dst * in/out), "
+                       "computed by PyTorch in float32")
+    upsample_case("op_upsample_bilinear3", "bilinear", factor=3,
+                  note="align_corners=False (half-pixel centres), scale 1/3 from the factor")
+    upsample_case("op_upsample_bilinear_size", "bilinear", size=(16, 20), align_corners=False,
+                  note="Output size given, as torchvision's FCN does (to the input's size)")
+    upsample_case("op_upsample_bilinear_align", "bilinear", size=(16, 20), align_corners=True)
+    upsample_case("op_upsample_bilinear_down", "bilinear", size=(4, 5),
+                  note="Downsampling 7x9 -> 4x5: each output blends two source pixels")
+
+    # --- pad, crop ---
+    g = gen("op_pad")
+    op_fixture("op_pad", {"op": "pad", "sides": [1, 2, 3, 0]},
+               "F.pad(input, (3, 0, 1, 2)) (left 3, right 0, top 1, bottom 2; dlc's order is "
+               "top, bottom, left, right) on input [2, 3, 7, 9] -> [2, 3, 10, 12]; backward of "
+               "sum(output * grad_output)",
+               randn(g, 2, 3, 7, 9), fn=lambda t: F.pad(t, (3, 0, 1, 2)))
+    g = gen("op_crop_offset")
+    op_fixture("op_crop_offset", {"op": "crop", "size": [4, 5], "offset": [2, 1]},
+               "input[:, :, 2:6, 1:6] on input [2, 3, 7, 9]; backward of "
+               "sum(output * grad_output) (zero outside the window)",
+               randn(g, 2, 3, 7, 9), fn=lambda t: t[:, :, 2:6, 1:6])
+    g = gen("op_crop_centre")
+    op_fixture("op_crop_centre", {"op": "crop", "size": [4, 4]},
+               "Centred crop to 4x4 of [2, 3, 7, 9]: rows (7 - 4) // 2 = 1 .. 5, columns "
+               "(9 - 4) // 2 = 2 .. 6, i.e. input[:, :, 1:5, 2:6]; backward of "
+               "sum(output * grad_output)",
+               randn(g, 2, 3, 7, 9), fn=lambda t: t[:, :, 1:5, 2:6])
 
     # --- linear ---
     g = gen("op_linear")
@@ -742,6 +850,48 @@ def check_counts():
     return counts
 
 
+# ---------------------------------------------------------------------------------------
+# State-dict key lists of models too large for a fixture
+# ---------------------------------------------------------------------------------------
+
+KEYS = ROOT / "tests" / "reference" / "state_dicts"
+
+
+def d2l_fcn(num_classes=21):
+    """d2l §14.11's FCN, built as the book builds it."""
+    from torchvision.models import resnet18
+    net = nn.Sequential(*list(resnet18().children())[:-2])
+    net.add_module("final_conv", nn.Conv2d(512, num_classes, kernel_size=1))
+    net.add_module("transpose_conv", nn.ConvTranspose2d(num_classes, num_classes,
+                                                        kernel_size=64, padding=16, stride=32))
+    return net
+
+
+def make_state_dict_keys():
+    """`<model>.tsv`: every state-dict key (parameters and buffers, without
+    `num_batches_tracked`) with its shape, in the model's order; the first line names the
+    spec and the reference. Small enough to ship where the weights are not."""
+    from torchvision.models.segmentation import fcn_resnet50, fcn_resnet101
+    models = [
+        ("fcn_resnet50", "specs/fcn.dlc", "torchvision fcn_resnet50(aux_loss=True)",
+         lambda: fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True)),
+        ("fcn_resnet50_noaux", "specs/fcn.dlc", "torchvision fcn_resnet50(aux_loss=False)",
+         lambda: fcn_resnet50(weights=None, weights_backbone=None, aux_loss=False)),
+        ("fcn_resnet101", "specs/fcn.dlc", "torchvision fcn_resnet101(aux_loss=True)",
+         lambda: fcn_resnet101(weights=None, weights_backbone=None, aux_loss=True)),
+        ("d2l_fcn", "specs/fcn.dlc", "d2l's FCN: resnet18 children[:-2], final_conv, "
+         "transpose_conv", d2l_fcn),
+    ]
+    KEYS.mkdir(parents=True, exist_ok=True)
+    for name, spec, source, build in models:
+        model = build()
+        lines = [f"# spec: {spec}\tmodel: {name}\treference: {source}, torch {torch.__version__}"]
+        for k, v in model.state_dict().items():
+            if not k.endswith("num_batches_tracked"):
+                lines.append(f"{k}\t{list(v.shape)}")
+        (KEYS / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -753,6 +903,7 @@ def main():
     make_seq2seq(False)
     make_seq2seq(True)
     counts = check_counts()
+    make_state_dict_keys()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "

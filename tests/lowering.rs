@@ -2,7 +2,12 @@
 //! exactly `dlc params`' total, the buffers its buffer count, and a forward pass (at a
 //! reduced input size where the spec has a `size` parameter) returns the inferred shapes of
 //! every output, with batch 2, sequences of length 5 and token ids for token inputs.
+//! reduced input size where the spec has a `size` parameter) returns the inferred shape of
+//! every output. Models whose weights are too large to ship as fixtures have their reference
+//! state-dict keys and shapes in `tests/reference/state_dicts/` (written by
+//! `scripts/torch_fixtures.py`); the lowered network must have exactly those.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -110,4 +115,107 @@ fn every_shipped_model_lowers_with_the_inferred_counts_and_shapes() {
         }
     }
     assert!(checked >= 22, "only {checked} models lowered");
+}
+
+/// `key → shape` of a lowered network's parameters and buffers.
+fn lowered_keys(net: &Network) -> BTreeMap<String, Vec<usize>> {
+    net.state
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.dims().to_vec()))
+        .collect()
+}
+
+#[test]
+fn state_dict_keys_and_shapes_equal_the_references() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("tests/reference/state_dicts");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/reference/state_dicts")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "reference key lists in {}", dir.display());
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("key list");
+        let mut lines = text.lines();
+        let header = lines.next().expect("header line");
+        let field = |name: &str| {
+            header
+                .trim_start_matches("# ")
+                .split('\t')
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{}: no `{name}` in the header", file.display()))
+                .to_string()
+        };
+        let (spec, model) = (field("spec: "), field("model: "));
+        let want: BTreeMap<String, Vec<usize>> = lines
+            .map(|l| {
+                let (k, shape) = l.split_once('\t').expect("key<TAB>shape");
+                let dims = shape
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(", ")
+                    .filter(|d| !d.is_empty())
+                    .map(|d| d.parse().expect("dim"))
+                    .collect();
+                (k.to_string(), dims)
+            })
+            .collect();
+        // Names and shapes do not depend on the input size: lower at a small one.
+        let compiled = compile(
+            &root.join(&spec),
+            Select::One(Some(&model)),
+            &["size=64".to_string()],
+        )
+        .expect("compiles");
+        let net = Network::new(
+            &compiled.models[0],
+            &Device::Cpu,
+            DType::F32,
+            Init::Torch,
+            0,
+        )
+        .expect("lowers");
+        let got = lowered_keys(&net);
+        let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+        let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{model}: keys missing from the spec {missing:?}, keys not in the reference {extra:?}"
+        );
+        for (k, shape) in &want {
+            assert_eq!(&got[k], shape, "{model}: shape of {k}");
+        }
+    }
+}
+
+#[test]
+fn fcn_resnet50_has_two_full_size_outputs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compiled = compile(
+        &root.join("specs/fcn.dlc"),
+        Select::One(Some("fcn_resnet50")),
+        &["size=48".to_string()],
+    )
+    .expect("compiles");
+    let model = &compiled.models[0];
+    let mut net = Network::new(model, &Device::Cpu, DType::F32, Init::Torch, 0).expect("lowers");
+    assert_eq!(net.state.param_count(), 35_322_218);
+    // Running mean and variance of every batch norm: as many as their weights and biases.
+    let bn_params: usize = net
+        .state
+        .params
+        .iter()
+        .filter(|(k, _)| {
+            net.state
+                .buffers
+                .contains_key(&k.replace(".weight", ".running_mean"))
+        })
+        .map(|(_, v)| 2 * v.elem_count())
+        .sum();
+    assert_eq!(net.state.buffer_count(), bn_params);
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 48, 48), &Device::Cpu).expect("input");
+    let ys = net.forward(&[x], true).expect("forward");
+    let dims: Vec<&[usize]> = ys.iter().map(|y| y.dims()).collect();
+    assert_eq!(dims, [[2, 21, 48, 48], [2, 21, 48, 48]]);
 }

@@ -353,6 +353,15 @@ fn compare_param_grads(
     }
 }
 
+/// A dlc argument `key: value` from a JSON config entry: strings are quoted choices
+/// (`mode: "bilinear"`), except `nonlinearity`, which names an op (`nonlinearity: relu`).
+fn dlc_arg(key: &str, v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(op) if key == "nonlinearity" => format!("{key}: {op}"),
+        v => format!("{key}: {}", dlc_value(v)),
+    }
+}
+
 /// A dlc argument value from a JSON config value.
 fn dlc_value(v: &serde_json::Value) -> String {
     match v {
@@ -361,12 +370,11 @@ fn dlc_value(v: &serde_json::Value) -> String {
             Some(i) => i.to_string(),
             None => format!("{:?}", n.as_f64().unwrap()),
         },
+        serde_json::Value::String(s) => format!("{s:?}"),
         serde_json::Value::Array(items) => {
             let parts: Vec<String> = items.iter().map(dlc_value).collect();
             format!("({})", parts.join(", "))
         }
-        // An op passed by name (`nonlinearity: relu`).
-        serde_json::Value::String(name) => name.clone(),
         other => panic!("config value {other} has no dlc form"),
     }
 }
@@ -393,7 +401,7 @@ fn op_specs(fx: &Fixture) -> Vec<String> {
     let args: Vec<String> = map
         .iter()
         .filter(|(k, _)| *k != "op")
-        .map(|(k, v)| format!("{k}: {}", dlc_value(v)))
+        .map(|(k, v)| dlc_arg(k, v))
         .collect();
     let call = if args.is_empty() {
         op.to_string()
@@ -449,7 +457,7 @@ fn recurrent_spec(fx: &Fixture) -> String {
     args.extend(
         map.iter()
             .filter(|(k, _)| !matches!(k.as_str(), "op" | "hidden"))
-            .map(|(k, v)| format!("{k}: {}", dlc_value(v))),
+            .map(|(k, v)| dlc_arg(k, v)),
     );
     let dims = |key: &str| {
         let d: Vec<String> = fx.get(key).dims()[1..]

@@ -14,6 +14,7 @@ pub mod params;
 pub mod pool;
 pub mod recurrent;
 pub mod sequence;
+pub mod spatial;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -30,6 +31,7 @@ enum Layer {
     Input(usize),
     Identity,
     Conv(conv::Conv),
+    ConvTranspose(conv::ConvTranspose),
     Linear(linear::Linear),
     BatchNorm(norm::BatchNorm),
     LayerNorm(norm::LayerNorm),
@@ -43,6 +45,9 @@ enum Layer {
     Reshape(Vec<usize>),
     Add,
     Concat(usize),
+    Upsample(spatial::Resize),
+    Pad([usize; 4]),
+    Crop((usize, usize), (usize, usize)),
     Select(usize, i64),
     Slice(usize, i64, Option<i64>),
     Transpose(usize, usize),
@@ -108,6 +113,9 @@ impl Network {
                 Op::Input(_) => Layer::Input(g.inputs.iter().position(|i| *i == idx).unwrap_or(0)),
                 Op::Output => Layer::Identity,
                 Op::Conv(c) => Layer::Conv(conv::Conv::new(&mut state, name, c, in_dims[1])?),
+                Op::ConvTranspose(c) => {
+                    Layer::ConvTranspose(conv::ConvTranspose::new(&mut state, name, c, in_dims[1])?)
+                }
                 Op::Linear(l) => Layer::Linear(linear::Linear::new(
                     &mut state,
                     name,
@@ -135,6 +143,22 @@ impl Network {
                 Op::Reshape(_) => Layer::Reshape(dims(g, idx, 0)[1..].to_vec()),
                 Op::Add => Layer::Add,
                 Op::Concat(c) => Layer::Concat(axis(c.axis, in_dims.len())),
+                Op::Upsample(u) => {
+                    let out = dims(g, idx, 0);
+                    Layer::Upsample(spatial::Resize::new(
+                        u,
+                        (in_dims[2], in_dims[3]),
+                        (out[2], out[3]),
+                    ))
+                }
+                Op::Pad(p) => Layer::Pad(p.sides.map(|s| s as usize)),
+                Op::Crop(c) => {
+                    let (top, left) = c.origin(in_dims[2] as u64, in_dims[3] as u64);
+                    Layer::Crop(
+                        (top as usize, left as usize),
+                        (c.size.0 as usize, c.size.1 as usize),
+                    )
+                }
                 Op::Select(s) => Layer::Select(axis(s.axis, in_dims.len()), s.index),
                 Op::Slice(s) => Layer::Slice(axis(s.axis, in_dims.len()), s.start, s.end),
                 Op::Transpose(t) => {
@@ -241,6 +265,10 @@ impl Network {
                         layout::broadcast(one()?, like, *axis)?
                     }
                     Layer::Mul => layout::mul(&args)?,
+                    Layer::ConvTranspose(c) => c.forward(one()?)?,
+                    Layer::Upsample(r) => r.forward(one()?)?,
+                    Layer::Pad(sides) => spatial::pad(one()?, *sides)?,
+                    Layer::Crop(origin, size) => spatial::crop(one()?, *origin, *size)?,
                     Layer::Embedding(e) => e.forward(one()?)?,
                     Layer::OneHot(classes) => {
                         sequence::one_hot(one()?, *classes, self.state.dtype)?

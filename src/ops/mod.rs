@@ -15,6 +15,7 @@ pub mod norm;
 pub mod pool;
 pub mod reshape;
 pub mod sequence;
+pub mod spatial;
 
 use std::ops::Add;
 
@@ -100,6 +101,8 @@ pub enum Op {
     Output,
     /// 2-D convolution.
     Conv(conv::Conv2d),
+    /// 2-D transposed convolution.
+    ConvTranspose(conv::ConvTranspose2d),
     /// Fully connected layer on the last axis.
     Linear(linear::Linear),
     /// Batch normalisation over axis 1.
@@ -132,6 +135,12 @@ pub enum Op {
     OneHot(sequence::OneHot),
     /// A stack of recurrent layers (`rnn`, `gru`, `lstm`).
     Recurrent(sequence::Recurrent),
+    /// Nearest or bilinear resizing of `[N, C, H, W]`.
+    Upsample(spatial::Upsample),
+    /// Zero padding of the spatial axes.
+    Pad(spatial::Pad),
+    /// A window of the spatial axes.
+    Crop(spatial::Crop),
     /// One index of an axis, the axis dropped.
     Select(layout::Select),
     /// A range of an axis.
@@ -153,6 +162,7 @@ impl Op {
             Op::Input(_) => "input",
             Op::Output => "output",
             Op::Conv(_) => "conv",
+            Op::ConvTranspose(_) => "conv_transpose",
             Op::Linear(_) => "linear",
             Op::BatchNorm(_) => "bn",
             Op::LayerNorm(_) => "layernorm",
@@ -169,6 +179,9 @@ impl Op {
             Op::Embedding(_) => "embedding",
             Op::OneHot(_) => "one_hot",
             Op::Recurrent(r) => r.cell.name(),
+            Op::Upsample(_) => "upsample",
+            Op::Pad(_) => "pad",
+            Op::Crop(_) => "crop",
             Op::Select(_) => "select",
             Op::Slice(_) => "slice",
             Op::Transpose(_) => "transpose",
@@ -222,6 +235,7 @@ impl Op {
             Op::Input(i) => Ok(vec![i.shape.clone()]),
             Op::Output | Op::Activation(_) | Op::Dropout(_) | Op::Lrn(_) => one(first(inputs)),
             Op::Conv(c) => one(c.infer(&first(inputs)?)),
+            Op::ConvTranspose(c) => one(c.infer(&first(inputs)?)),
             Op::Linear(l) => one(l.infer(&first(inputs)?)),
             Op::BatchNorm(b) => one(b.infer(&first(inputs)?)),
             Op::LayerNorm(l) => one(l.infer(&first(inputs)?)),
@@ -238,6 +252,9 @@ impl Op {
                 first(inputs)?;
                 r.infer(inputs)
             }
+            Op::Upsample(u) => one(u.infer(&first(inputs)?)),
+            Op::Pad(p) => one(p.infer(&first(inputs)?)),
+            Op::Crop(c) => one(c.infer(&first(inputs)?)),
             Op::Select(s) => one(s.infer(&first(inputs)?)),
             Op::Slice(s) => one(s.infer(&first(inputs)?)),
             Op::Transpose(t) => one(t.infer(&first(inputs)?)),
@@ -254,6 +271,7 @@ impl Op {
         };
         match self {
             Op::Conv(c) => c.cost(input, output),
+            Op::ConvTranspose(c) => c.cost(input),
             Op::Linear(l) => l.cost(input, output),
             Op::BatchNorm(b) => b.cost(input),
             Op::LayerNorm(l) => l.cost(input),
@@ -295,6 +313,11 @@ pub enum ArgKind {
     NonNegPair,
     /// A list of integers.
     IntList,
+    /// Sizes for the four sides `(top, bottom, left, right)`: one integer ≥ 0 for all four,
+    /// a pair `(h, w)` for top and bottom, left and right, or all four.
+    NonNegSides,
+    /// One of a fixed set of strings (`mode: "bilinear"`).
+    Choice(&'static [&'static str]),
     /// A tensor, given by keyword (`state: enc.state`); it becomes one more input of the node.
     Tensor,
     /// An op passed as a value (`nonlinearity: relu`).
@@ -303,8 +326,8 @@ pub enum ArgKind {
 
 impl ArgKind {
     /// Describes the kind in words for diagnostics.
-    pub fn describe(self) -> &'static str {
-        match self {
+    pub fn describe(self) -> String {
+        let words = match self {
             ArgKind::PosInt => "a positive integer",
             ArgKind::NonNegInt => "a non-negative integer",
             ArgKind::Int => "an integer",
@@ -314,9 +337,24 @@ impl ArgKind {
             ArgKind::PosPair => "a positive integer or a pair `(h, w)`",
             ArgKind::NonNegPair => "a non-negative integer or a pair `(h, w)`",
             ArgKind::IntList => "a list of integers",
+            ArgKind::NonNegSides => {
+                "a non-negative integer, a pair `(h, w)` or four sides `(top, bottom, left, right)`"
+            }
+            ArgKind::Choice(choices) => return quoted_choices(choices),
             ArgKind::Tensor => "a tensor",
             ArgKind::OpName => "an op such as `relu`",
-        }
+        };
+        words.to_string()
+    }
+}
+
+/// `"nearest" or "bilinear"`: the choices of a [`ArgKind::Choice`], quoted, for messages.
+pub fn quoted_choices(choices: &[&str]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+    match quoted.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 
@@ -331,6 +369,8 @@ pub enum ArgDefault {
     Float(f64),
     /// A boolean.
     Bool(bool),
+    /// A string ([`ArgKind::Choice`]).
+    Str(&'static str),
     /// The value of another argument (`stride` defaults to `kernel`).
     SameAs(&'static str),
     /// Optional: absent unless given.
@@ -370,6 +410,10 @@ pub enum ArgValue {
     Pair(u64, u64),
     /// A list of integers.
     List(Vec<i64>),
+    /// Sizes for `(top, bottom, left, right)`.
+    Sides([u64; 4]),
+    /// One of an argument's choices.
+    Choice(&'static str),
     /// A tensor argument; the elaborator appends it to the node's inputs in argument order.
     Tensor(Outlet),
     /// An op, by name.
@@ -443,6 +487,22 @@ impl Args {
         }
     }
 
+    /// A four-sides argument `(top, bottom, left, right)`.
+    pub fn sides(&self, name: &str) -> [u64; 4] {
+        match self.get(name) {
+            Some(ArgValue::Sides(s)) => *s,
+            _ => [0; 4],
+        }
+    }
+
+    /// A choice argument (empty when absent).
+    pub fn choice(&self, name: &str) -> &'static str {
+        match self.get(name) {
+            Some(ArgValue::Choice(c)) => c,
+            _ => "",
+        }
+    }
+
     /// A list argument.
     pub fn list(&self, name: &str) -> Vec<i64> {
         match self.get(name) {
@@ -492,6 +552,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     reshape::DEFS,
     merge::DEFS,
     sequence::DEFS,
+    spatial::DEFS,
     layout::DEFS,
 ];
 
