@@ -6,11 +6,13 @@
 //! hierarchical name (`layer1.0.conv1.weight`), so checkpoints and PyTorch state dicts share keys.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod norm;
 pub mod params;
 pub mod pool;
+pub mod position;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -40,6 +42,10 @@ enum Layer {
     Reshape(Vec<usize>),
     Add,
     Concat(usize),
+    Attention(attention::Attention),
+    PosEnc(position::PosEnc),
+    PosEmbedding(position::PosEmbedding),
+    ClassToken(position::ClassToken),
 }
 
 /// A model lowered to candle: layers in topological order over a shared [`State`].
@@ -123,6 +129,28 @@ impl Network {
                 Op::Reshape(_) => Layer::Reshape(dims(g, idx, 0)[1..].to_vec()),
                 Op::Add => Layer::Add,
                 Op::Concat(c) => Layer::Concat(axis(c.axis, in_dims.len())),
+                Op::Attention(a) => {
+                    let width = in_dims[2];
+                    let kv_width = if a.cross {
+                        dims(g, ins[1].node, ins[1].slot)[2]
+                    } else {
+                        width
+                    };
+                    let token_mask = a.masked && ins.last().is_some_and(|m| g.shape(*m).is_tokens());
+                    Layer::Attention(attention::Attention::new(
+                        &mut state, name, a, width, kv_width, token_mask,
+                    )?)
+                }
+                Op::PosEnc(p) => Layer::PosEnc(position::PosEnc::new(&state, p, in_dims[2])?),
+                Op::PosEmbedding(p) => {
+                    let len = p.positions(g.shape(ins[0])) as usize;
+                    Layer::PosEmbedding(position::PosEmbedding::new(
+                        &mut state, name, len, in_dims[2],
+                    )?)
+                }
+                Op::ClassToken => {
+                    Layer::ClassToken(position::ClassToken::new(&mut state, name, in_dims[2])?)
+                }
             };
             for o in &ins {
                 last_use[o.node.index()] = idx.index();
@@ -195,6 +223,10 @@ impl Network {
                     acc
                 }
                 Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
+                Layer::Attention(a) => a.forward(&args, train, &mut self.state)?,
+                Layer::PosEnc(p) => p.forward(one()?, train, &mut self.state)?,
+                Layer::PosEmbedding(p) => p.forward(one()?)?,
+                Layer::ClassToken(c) => c.forward(one()?)?,
             }];
             for (j, _) in &self.inputs[i] {
                 if self.last_use[*j] == i && !self.outputs.contains(j) {

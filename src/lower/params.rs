@@ -1,5 +1,6 @@
 //! The network's state: trainable parameters and buffers (BatchNorm running statistics),
-//! each at `<node name>.<kind>`, kept in sorted maps so that iteration, initialisation and
+//! each at `<node name>.<kind>` (or at the node's own name for a node that is a single
+//! parameter, as `class_token` and `encoder.pos_embedding`), kept in sorted maps so that iteration, initialisation and
 //! checkpoints are deterministic; and the seeded random number generator every random
 //! choice (initialisation, dropout) draws from.
 
@@ -82,6 +83,27 @@ impl State {
             Init::Xavier => (6.0 / (fan_in + fan_out) as f64).sqrt(),
         };
         let values = self.uniform(n, bound);
+        self.param(name, values, shape)
+    }
+
+    /// A `[out, in]` weight drawn Xavier-uniform whatever the scheme, as PyTorch's
+    /// `nn.MultiheadAttention` draws its packed `in_proj_weight`.
+    pub fn xavier(&mut self, name: &str, shape: &[usize]) -> Result<Var> {
+        let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+        let values = self.uniform(shape.iter().product(), bound);
+        self.param(name, values, shape)
+    }
+
+    /// A trainable parameter drawn from N(0, std²) (Box–Muller over the seeded generator), as
+    /// torchvision's and d2l's learned positional embeddings.
+    pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Var> {
+        let values = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                let u: f64 = 1.0 - self.rng.random::<f64>();
+                let v: f64 = self.rng.random::<f64>();
+                std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+            })
+            .collect();
         self.param(name, values, shape)
     }
 

@@ -4,14 +4,17 @@
 //!
 //! Conventions follow torchvision: parameters are trainable tensors only (BatchNorm's
 //! running statistics are buffers, counted apart); MACs count the multiply-accumulates of
-//! conv and linear layers for one example.
+//! conv and linear layers, and of attention's projections and its two matrix products
+//! (scores and weighted values), for one example.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod merge;
 pub mod norm;
 pub mod pool;
+pub mod position;
 pub mod reshape;
 
 use std::ops::Add;
@@ -124,6 +127,14 @@ pub enum Op {
     Add,
     /// Join along an axis.
     Concat(merge::Concat),
+    /// Multi-head attention.
+    Attention(attention::Attention),
+    /// Sinusoidal positional encoding added.
+    PosEnc(position::PosEnc),
+    /// Learned positional embedding added.
+    PosEmbedding(position::PosEmbedding),
+    /// A learned token prepended to the sequence.
+    ClassToken,
 }
 
 impl Op {
@@ -146,6 +157,10 @@ impl Op {
             Op::Reshape(_) => "reshape",
             Op::Add => "add",
             Op::Concat(_) => "concat",
+            Op::Attention(_) => "attention",
+            Op::PosEnc(_) => "posenc",
+            Op::PosEmbedding(_) => "pos_embedding",
+            Op::ClassToken => "class_token",
         }
     }
 
@@ -159,7 +174,8 @@ impl Op {
 
     /// Whether the op takes token-id tensors (every other op needs real numbers).
     pub fn accepts_tokens(&self) -> bool {
-        matches!(self, Op::Input(_) | Op::Output)
+        // `attention` takes token ids as its key padding mask only, and checks the rest.
+        matches!(self, Op::Input(_) | Op::Output | Op::Attention(_))
     }
 
     /// Output shapes for the given input shapes.
@@ -188,6 +204,10 @@ impl Op {
             Op::Reshape(r) => one(r.infer(&first(inputs)?)),
             Op::Add => one(merge::infer_add(inputs)),
             Op::Concat(c) => one(c.infer(inputs)),
+            Op::Attention(a) => one(a.infer(inputs)),
+            Op::PosEnc(p) => one(p.infer(&first(inputs)?)),
+            Op::PosEmbedding(p) => one(p.infer(&first(inputs)?)),
+            Op::ClassToken => one(position::infer_class_token(&first(inputs)?)),
         }
     }
 
@@ -201,6 +221,9 @@ impl Op {
             Op::Linear(l) => l.cost(input, output),
             Op::BatchNorm(b) => b.cost(input),
             Op::LayerNorm(l) => l.cost(input),
+            Op::Attention(a) => a.cost(inputs),
+            Op::PosEmbedding(p) => p.cost(input),
+            Op::ClassToken => position::class_token_cost(input),
             _ => Cost::free(),
         }
     }
@@ -420,6 +443,8 @@ pub const REGISTRY: &[&[OpDef]] = &[
     pool::DEFS,
     reshape::DEFS,
     merge::DEFS,
+    attention::DEFS,
+    position::DEFS,
 ];
 
 /// Looks an op up by name.
