@@ -18,6 +18,12 @@ seed, and running the script twice writes byte-identical files.
   shortcut and stride 2, keys prefixed ``block.``; eval-mode and train-mode outputs,
   train-mode gradients and the running statistics after the train-mode step. Its dlc
   spec is ``tests/fixtures/torch/basic_block.dlc`` (hand-written, not made here).
+* ``attn_<case>.safetensors``: attention modules (``nn.MultiheadAttention`` self, cross,
+  causal, with key padding; d2l's ``MultiHeadAttention`` without bias; torchvision's ViT
+  ``EncoderBlock``; ``nn.TransformerDecoderLayer``), width 8 and 2 heads, forward and
+  backward. Each names a model of ``tests/fixtures/torch/attention.dlc`` (hand-written) in
+  its ``spec`` and ``model`` metadata; the model's inputs are ``input.<name>`` (token ids
+  as int64) and their gradients ``grad.input.<name>``.
 
 Key conventions (every file)
 ----------------------------
@@ -58,6 +64,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.vision_transformer import EncoderBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "torch"
@@ -483,6 +490,203 @@ def make_basic_block():
     return trainable
 
 
+# ---------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------
+
+ATTN_SPEC = "tests/fixtures/torch/attention.dlc"
+WIDTH, HEADS = 8, 2
+
+
+def randomize(module: nn.Module, g: torch.Generator) -> None:
+    """Every parameter drawn anew: weights N(0, 1/fan_in), vectors (biases, LayerNorm
+    weights) around their usual values, so that no zero bias or unit scale hides a mistake."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(randn(g, *p.shape, scale=1 / math.sqrt(p.shape[-1])))
+            elif name.endswith("weight"):
+                p.copy_(uniform(g, 0.5, 1.5, *p.shape))
+            else:
+                p.copy_(randn(g, *p.shape, scale=0.5))
+
+
+def attn_fixture(name, model, description, module, prefix, fn, inputs):
+    """One attention file: `fn(**inputs)` forward, backward of sum(output * grad_output);
+    float inputs that the output depends on get gradients (not a 0/1 mask, not token ids)."""
+    g = gen(name + "/grad_output")
+    inputs = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v)
+              for k, v in inputs.items()}
+    out = fn(**inputs)
+    grad_output = randn(g, *out.shape)
+    out.backward(grad_output)
+    t = {"output": out, "grad_output": grad_output}
+    for k, v in inputs.items():
+        t[f"input.{k}"] = v
+        if v.grad is not None:
+            t[f"grad.input.{k}"] = v.grad
+    for k, p in module.named_parameters():
+        t[f"{prefix}{k}"] = p
+        t[f"grad.{prefix}{k}"] = p.grad
+    write(name, t, meta(description, spec=ATTN_SPEC, model=model, mode="train"))
+
+
+class D2lMultiHeadAttention(nn.Module):
+    """d2l's MultiHeadAttention (§11.5) with its DotProductAttention and masked_softmax,
+    as the book writes them, with nn.Linear in place of nn.LazyLinear (same parameters)."""
+
+    def __init__(self, num_hiddens, num_heads, query_size, kv_size, bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.W_q = nn.Linear(query_size, num_hiddens, bias=bias)
+        self.W_k = nn.Linear(kv_size, num_hiddens, bias=bias)
+        self.W_v = nn.Linear(kv_size, num_hiddens, bias=bias)
+        self.W_o = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+
+    @staticmethod
+    def masked_softmax(X, valid_lens):
+        shape = X.shape
+        if valid_lens.dim() == 1:
+            valid_lens = torch.repeat_interleave(valid_lens, shape[1])
+        else:
+            valid_lens = valid_lens.reshape(-1)
+        X = X.reshape(-1, shape[-1])
+        maxlen = X.size(1)
+        mask = torch.arange(maxlen, dtype=torch.float32)[None, :] < valid_lens[:, None]
+        X[~mask] = -1e6
+        return nn.functional.softmax(X.reshape(shape), dim=-1)
+
+    def transpose_qkv(self, X):
+        X = X.reshape(X.shape[0], X.shape[1], self.num_heads, -1)
+        X = X.permute(0, 2, 1, 3)
+        return X.reshape(-1, X.shape[2], X.shape[3])
+
+    def transpose_output(self, X):
+        X = X.reshape(-1, self.num_heads, X.shape[1], X.shape[2])
+        X = X.permute(0, 2, 1, 3)
+        return X.reshape(X.shape[0], X.shape[1], -1)
+
+    def forward(self, queries, keys, values, valid_lens):
+        queries = self.transpose_qkv(self.W_q(queries))
+        keys = self.transpose_qkv(self.W_k(keys))
+        values = self.transpose_qkv(self.W_v(values))
+        valid_lens = torch.repeat_interleave(valid_lens, repeats=self.num_heads, dim=0)
+        d = queries.shape[-1]
+        scores = torch.bmm(queries, keys.transpose(1, 2)) / math.sqrt(d)
+        weights = self.masked_softmax(scores, valid_lens)
+        return self.W_o(self.transpose_output(torch.bmm(weights, values)))
+
+
+def causal_mask(t):
+    """True above the diagonal: position t may not attend to later keys."""
+    return torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+
+
+def make_attention():
+    d, h = WIDTH, HEADS
+
+    def mha(name, bias=True):
+        torch.manual_seed(seed_of(name))
+        m = nn.MultiheadAttention(d, h, bias=bias, batch_first=True).double()
+        randomize(m, gen(name + "/params"))
+        return m
+
+    name = "attn_mha_self"
+    m = mha(name)
+    g = gen(name)
+    attn_fixture(name, "mha_self",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x)[0] on x [2, 5, 8]; "
+                 "keys prefixed `layer.`; backward of sum(output * grad_output)",
+                 m, "layer.", lambda x: m(x, x, x, need_weights=False)[0],
+                 {"x": randn(g, 2, 5, d)})
+
+    name = "attn_mha_cross"
+    m = mha(name)
+    g = gen(name)
+    attn_fixture(name, "mha_cross",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, kv, kv)[0], queries x "
+                 "[2, 4, 8] over keys and values kv [2, 6, 8]",
+                 m, "layer.", lambda x, kv: m(x, kv, kv, need_weights=False)[0],
+                 {"x": randn(g, 2, 4, d), "kv": randn(g, 2, 6, d)})
+
+    name = "attn_mha_causal"
+    m = mha(name, bias=False)
+    g = gen(name)
+    attn_fixture(name, "mha_causal",
+                 "nn.MultiheadAttention(8, 2, bias=False, batch_first=True)(x, x, x, "
+                 "attn_mask=triu(ones(5, 5), 1).bool())[0] on x [2, 5, 8]: causal "
+                 "self-attention without projection biases",
+                 m, "layer.",
+                 lambda x: m(x, x, x, attn_mask=causal_mask(5), need_weights=False)[0],
+                 {"x": randn(g, 2, 5, d)})
+
+    name = "attn_mha_padding"
+    m = mha(name)
+    g = gen(name)
+    ids = torch.tensor([[3, 7, 2, 0, 0], [5, 1, 4, 6, 9]], dtype=torch.int64)
+    attn_fixture(name, "mha_padding",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x, attn_mask=causal, "
+                 "key_padding_mask=(ids == 0))[0] on x [2, 5, 8]; ids [2, 5] int64 token ids "
+                 "with padding id 0 (example 0 has two padded keys, example 1 none)",
+                 m, "layer.",
+                 lambda x, ids: m(x, x, x, attn_mask=causal_mask(5), key_padding_mask=ids == 0,
+                                  need_weights=False)[0],
+                 {"x": randn(g, 2, 5, d), "ids": ids})
+
+    name = "attn_mha_cross_padding"
+    m = mha(name)
+    g = gen(name)
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=DTYPE)
+    attn_fixture(name, "mha_cross_padding",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, kv, kv, "
+                 "key_padding_mask=(keep == 0))[0], x [2, 4, 8], kv [2, 6, 8], keep [2, 6] a "
+                 "float 0/1 mask (1: attend)",
+                 m, "layer.",
+                 lambda x, kv, keep: m(x, kv, kv, key_padding_mask=keep == 0,
+                                       need_weights=False)[0],
+                 {"x": randn(g, 2, 4, d), "kv": randn(g, 2, 6, d), "keep": keep})
+
+    name = "attn_d2l_mha"
+    torch.manual_seed(seed_of(name))
+    m = D2lMultiHeadAttention(d, h, query_size=d, kv_size=10, bias=False).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    ids = torch.tensor([[4, 5, 6, 1, 1, 1], [7, 8, 9, 2, 3, 1]], dtype=torch.int64)
+    attn_fixture(name, "d2l_mha",
+                 "d2l's MultiHeadAttention(num_hiddens=8, num_heads=2, dropout=0, bias=False) "
+                 "(W_q [8, 8], W_k and W_v [8, 10], W_o [8, 8]) on queries q [2, 4, 8], keys "
+                 "and values kv [2, 6, 10], valid_lens = (ids != 1).sum(1) = [3, 5] with ids "
+                 "[2, 6] int64 whose padding id is 1 (d2l's <pad>)",
+                 m, "layer.",
+                 lambda q, kv, ids: m(q, kv, kv, (ids != 1).sum(1)),
+                 {"q": randn(g, 2, 4, d), "kv": randn(g, 2, 6, 10), "ids": ids})
+
+    name = "attn_vit_encoder_block"
+    torch.manual_seed(seed_of(name))
+    m = EncoderBlock(h, d, 16, dropout=0.0, attention_dropout=0.0).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "vit_encoder_block",
+                 "torchvision.models.vision_transformer.EncoderBlock(num_heads=2, hidden_dim=8, "
+                 "mlp_dim=16, dropout=0, attention_dropout=0) (LayerNorm eps 1e-6, GELU MLP) "
+                 "on x [2, 5, 8]; keys prefixed `block.`",
+                 m, "block.", lambda x: m(x), {"x": randn(g, 2, 5, d)})
+
+    name = "attn_decoder_layer"
+    torch.manual_seed(seed_of(name))
+    m = nn.TransformerDecoderLayer(d, h, dim_feedforward=16, dropout=0.0,
+                                   batch_first=True).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "decoder_layer",
+                 "nn.TransformerDecoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0, "
+                 "batch_first=True)(tgt, memory, tgt_mask=causal) (post-norm, ReLU) on tgt "
+                 "[2, 4, 8], memory [2, 6, 8]; keys prefixed `block.`",
+                 m, "block.",
+                 lambda tgt, memory: m(tgt, memory, tgt_mask=causal_mask(4)),
+                 {"tgt": randn(g, 2, 4, d), "memory": randn(g, 2, 6, d)})
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -490,6 +694,7 @@ def main():
     make_ops()
     make_lenet()
     n = make_basic_block()
+    make_attention()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "

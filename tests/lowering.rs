@@ -1,6 +1,7 @@
 //! Lowering agrees with inference for every shipped model: the trainable variables hold
 //! exactly `dlc params`' total, the buffers its buffer count, and a forward pass (at a
-//! reduced input size where the spec has a `size` parameter) returns the inferred shape.
+//! reduced input size where the spec has a `size` parameter; symbolic lengths set to 2; token
+//! ids all 1) returns the inferred shape.
 
 use std::path::Path;
 
@@ -55,15 +56,26 @@ fn every_shipped_model_lowers_with_the_inferred_counts_and_shapes() {
                 "{}: buffer elements",
                 m.name
             );
-            let input = &model.graph.dag[model.graph.inputs[0]].outputs[0];
-            let mut dims: Vec<usize> = input
-                .0
+            let inputs: Vec<Tensor> = model
+                .graph
+                .inputs
                 .iter()
-                .map(|d| d.known().unwrap_or(2) as usize)
+                .map(|i| {
+                    let shape = &model.graph.dag[*i].outputs[0];
+                    let dims: Vec<usize> = shape
+                        .0
+                        .iter()
+                        .map(|d| d.known().unwrap_or(2) as usize)
+                        .collect();
+                    if shape.is_tokens() {
+                        Tensor::ones(dims, DType::U32, &Device::Cpu)
+                    } else {
+                        Tensor::randn(0f32, 1f32, dims, &Device::Cpu)
+                    }
+                    .expect("input")
+                })
                 .collect();
-            dims[0] = 2;
-            let x = Tensor::randn(0f32, 1f32, dims, &Device::Cpu).expect("input");
-            let y = net.forward(&[x], false).expect("forward").remove(0);
+            let y = net.forward(&inputs, false).expect("forward").remove(0);
             let expected: Vec<usize> = model.graph.dag[model.graph.outputs[0]].outputs[0]
                 .0
                 .iter()

@@ -236,7 +236,9 @@ pub fn multi_head_attention(
     let dh = d / heads;
     // [N, L, D] -> [N, heads, L, D / heads]
     let split = |x: Tensor, len: usize| -> Result<Tensor> {
-        x.reshape((n, len, heads, dh))?.transpose(1, 2)?.contiguous()
+        x.reshape((n, len, heads, dh))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let q = split(p.q.apply(query)?, t)?;
     let k = split(p.k.apply(kv)?, s)?;
@@ -410,8 +412,11 @@ mod tests {
             v: identity(),
             o: identity(),
         };
-        let x = Tensor::new(&[[[1.0f64, 2.0], [30.0, 40.0], [500.0, 600.0]]], &Device::Cpu)
-            .unwrap();
+        let x = Tensor::new(
+            &[[[1.0f64, 2.0], [30.0, 40.0], [500.0, 600.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let y = multi_head_attention(&x, &x, &p, 1, Some(&keep), None).unwrap();
         // Every query sees only key 0, so every output row is value 0.
         assert_eq!(

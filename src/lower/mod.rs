@@ -136,7 +136,8 @@ impl Network {
                     } else {
                         width
                     };
-                    let token_mask = a.masked && ins.last().is_some_and(|m| g.shape(*m).is_tokens());
+                    let token_mask =
+                        a.masked && ins.last().is_some_and(|m| g.shape(*m).is_tokens());
                     Layer::Attention(attention::Attention::new(
                         &mut state, name, a, width, kv_width, token_mask,
                     )?)

@@ -94,23 +94,27 @@ impl State {
         self.param(name, values, shape)
     }
 
-    /// A trainable parameter drawn from N(0, std²) (Box–Muller over the seeded generator), as
-    /// torchvision's and d2l's learned positional embeddings.
-    pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Var> {
-        let values = (0..shape.iter().product::<usize>())
-            .map(|_| {
-                let u: f64 = 1.0 - self.rng.random::<f64>();
-                let v: f64 = self.rng.random::<f64>();
-                std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-            })
-            .collect();
-        self.param(name, values, shape)
-    }
-
     /// A bias of `out` values, PyTorch's default ±1/√fan_in.
     pub fn bias(&mut self, name: &str, out: usize, fan_in: usize) -> Result<Var> {
         let values = self.uniform(out, 1.0 / (fan_in.max(1) as f64).sqrt());
         self.param(name, values, &[out])
+    }
+
+    /// A trainable parameter of `shape` drawn from N(0, std²) (PyTorch's `nn.Embedding`), by
+    /// the Box–Muller transform.
+    pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        let mut values = Vec::with_capacity(n + 1);
+        while values.len() < n {
+            let u1: f64 = 1.0 - self.rng.random::<f64>();
+            let u2: f64 = self.rng.random();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let angle = std::f64::consts::TAU * u2;
+            values.push(r * angle.cos());
+            values.push(r * angle.sin());
+        }
+        values.truncate(n);
+        self.param(name, values, shape)
     }
 
     /// A trainable parameter filled with `value`.

@@ -113,7 +113,10 @@ mod tests {
 
     #[test]
     fn sinusoids_follow_d2l() {
-        let p = sinusoids(50, 8, &state()).unwrap().to_vec2::<f64>().unwrap();
+        let p = sinusoids(50, 8, &state())
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
         assert_eq!(p[0], vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
         // Position 7, pair j = 1: frequency 1 / 10000^(2/8) = 0.1.
         assert!((p[7][2] - 0.7f64.sin()).abs() < 1e-15);

@@ -89,7 +89,9 @@ impl PosEnc {
         if d % 2 != 0 {
             return Err(ShapeError::new(
                 "dlc::width_mismatch",
-                format!("`posenc` interleaves sines and cosines, so it needs an even width, but its input is {input}"),
+                format!(
+                    "`posenc` interleaves sines and cosines, so it needs an even width, but its input is {input}"
+                ),
                 "make the model width even",
             ));
         }
