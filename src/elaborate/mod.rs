@@ -1173,6 +1173,8 @@ impl<'p> Elaborator<'p> {
             poisoned |= matches!(v, Value::Poison);
             match (&v, kw, def.arity) {
                 (Value::Tensor(t), None, ops::Arity::Many) if rest.is_empty() => extra.push(*t),
+                // A tensor that already failed: reported once, not again as a stray argument.
+                (Value::Poison, None, ops::Arity::Many) if rest.is_empty() => {}
                 _ => rest.push((kw, v, s)),
             }
         }
@@ -2116,12 +2118,12 @@ fn signature(def: &OpDef) -> String {
             ops::ArgDefault::Absent => format!("{}?", p.name),
         })
         .collect();
-    let tensors = if def.arity == ops::Arity::Many {
-        "tensors..., "
-    } else {
-        ""
-    };
-    format!("usage: {}({tensors}{})", def.name, params.join(", "))
+    let mut all = Vec::new();
+    if def.arity == ops::Arity::Many {
+        all.push("tensors...".to_string());
+    }
+    all.extend(params);
+    format!("usage: {}({})", def.name, all.join(", "))
 }
 
 fn block_signature(def: &Def) -> String {

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod norm;
 pub mod params;
@@ -42,6 +43,12 @@ enum Layer {
     Reshape(Vec<usize>),
     Add,
     Concat(usize),
+    Select(usize, i64),
+    Slice(usize, i64, Option<i64>),
+    Transpose(usize, usize),
+    Permute(Vec<usize>),
+    Broadcast(usize),
+    Mul,
     Attention(attention::Attention),
     PosEnc(position::PosEnc),
     PosEmbedding(position::PosEmbedding),
@@ -129,6 +136,14 @@ impl Network {
                 Op::Reshape(_) => Layer::Reshape(dims(g, idx, 0)[1..].to_vec()),
                 Op::Add => Layer::Add,
                 Op::Concat(c) => Layer::Concat(axis(c.axis, in_dims.len())),
+                Op::Select(s) => Layer::Select(axis(s.axis, in_dims.len()), s.index),
+                Op::Slice(s) => Layer::Slice(axis(s.axis, in_dims.len()), s.start, s.end),
+                Op::Transpose(t) => {
+                    Layer::Transpose(axis(t.a, in_dims.len()), axis(t.b, in_dims.len()))
+                }
+                Op::Permute(p) => Layer::Permute(p.dims.clone()),
+                Op::Broadcast(b) => Layer::Broadcast(axis(b.axis, in_dims.len() + 1)),
+                Op::Mul => Layer::Mul,
                 Op::Attention(a) => {
                     let width = in_dims[2];
                     let kv_width = if a.cross {
@@ -224,6 +239,17 @@ impl Network {
                     acc
                 }
                 Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
+                Layer::Select(axis, at) => layout::select(one()?, *axis, *at)?,
+                Layer::Slice(axis, start, end) => layout::slice(one()?, *axis, *start, *end)?,
+                Layer::Transpose(a, b) => layout::transpose(one()?, *a, *b)?,
+                Layer::Permute(dims) => layout::permute(one()?, dims)?,
+                Layer::Broadcast(axis) => {
+                    let like = args.get(1).ok_or_else(|| {
+                        candle_core::Error::Msg("broadcast without `like`".into())
+                    })?;
+                    layout::broadcast(one()?, like, *axis)?
+                }
+                Layer::Mul => layout::mul(&args)?,
                 Layer::Attention(a) => a.forward(&args, train, &mut self.state)?,
                 Layer::PosEnc(p) => p.forward(one()?, train, &mut self.state)?,
                 Layer::PosEmbedding(p) => p.forward(one()?)?,

@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod merge;
 pub mod norm;
@@ -127,6 +128,18 @@ pub enum Op {
     Add,
     /// Join along an axis.
     Concat(merge::Concat),
+    /// One index of an axis, the axis dropped.
+    Select(layout::Select),
+    /// A range of an axis.
+    Slice(layout::Slice),
+    /// Two axes swapped.
+    Transpose(layout::Transpose),
+    /// Axes reordered.
+    Permute(layout::Permute),
+    /// A new axis, repeated to another tensor's size.
+    Broadcast(layout::Broadcast),
+    /// Elementwise product with broadcasting.
+    Mul,
     /// Multi-head attention.
     Attention(attention::Attention),
     /// Sinusoidal positional encoding added.
@@ -157,6 +170,12 @@ impl Op {
             Op::Reshape(_) => "reshape",
             Op::Add => "add",
             Op::Concat(_) => "concat",
+            Op::Select(_) => "select",
+            Op::Slice(_) => "slice",
+            Op::Transpose(_) => "transpose",
+            Op::Permute(_) => "permute",
+            Op::Broadcast(_) => "broadcast",
+            Op::Mul => "mul",
             Op::Attention(_) => "attention",
             Op::PosEnc(_) => "posenc",
             Op::PosEmbedding(_) => "pos_embedding",
@@ -174,8 +193,18 @@ impl Op {
 
     /// Whether the op takes token-id tensors (every other op needs real numbers).
     pub fn accepts_tokens(&self) -> bool {
-        // `attention` takes token ids as its key padding mask only, and checks the rest.
-        matches!(self, Op::Input(_) | Op::Output | Op::Attention(_))
+        matches!(
+            self,
+            Op::Input(_)
+                | Op::Output
+                | Op::Select(_)
+                | Op::Slice(_)
+                | Op::Transpose(_)
+                | Op::Permute(_)
+                | Op::Broadcast(_)
+                // `attention` takes token ids as its key padding mask only, and checks the rest.
+                | Op::Attention(_)
+        )
     }
 
     /// Output shapes for the given input shapes.
@@ -207,6 +236,12 @@ impl Op {
             Op::Reshape(r) => one(r.infer(&first(inputs)?)),
             Op::Add => one(merge::infer_add(inputs)),
             Op::Concat(c) => one(c.infer(inputs)),
+            Op::Select(s) => one(s.infer(&first(inputs)?)),
+            Op::Slice(s) => one(s.infer(&first(inputs)?)),
+            Op::Transpose(t) => one(t.infer(&first(inputs)?)),
+            Op::Permute(p) => one(p.infer(&first(inputs)?)),
+            Op::Broadcast(b) => one(b.infer(inputs)),
+            Op::Mul => one(layout::infer_mul(inputs)),
             Op::Attention(a) => one(a.infer(inputs)),
             Op::PosEnc(p) => one(p.infer(&first(inputs)?)),
             Op::PosEmbedding(p) => one(p.infer(&first(inputs)?)),
@@ -446,6 +481,7 @@ pub const REGISTRY: &[&[OpDef]] = &[
     pool::DEFS,
     reshape::DEFS,
     merge::DEFS,
+    layout::DEFS,
     attention::DEFS,
     position::DEFS,
 ];
