@@ -24,6 +24,10 @@ seed, and running the script twice writes byte-identical files.
   backward. Each names a model of ``tests/fixtures/torch/attention.dlc`` (hand-written) in
   its ``spec`` and ``model`` metadata; the model's inputs are ``input.<name>`` (token ids
   as int64) and their gradients ``grad.input.<name>``.
+* ``attn_vit``, ``attn_d2l_vit``, ``attn_torch_transformer``: whole models at a small width
+  (torchvision's ``VisionTransformer``, d2l's ``ViT``, ``nn.Transformer``) against the
+  shipped specs ``specs/vit.dlc`` and ``specs/transformer.dlc``, whose parameters are set
+  to the same sizes by the ``set`` metadata (a JSON list of ``name=value``, as ``--set``).
 
 Key conventions (every file)
 ----------------------------
@@ -64,7 +68,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
-from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "torch"
@@ -511,7 +515,8 @@ def randomize(module: nn.Module, g: torch.Generator) -> None:
                 p.copy_(randn(g, *p.shape, scale=0.5))
 
 
-def attn_fixture(name, model, description, module, prefix, fn, inputs):
+def attn_fixture(name, model, description, module, prefix, fn, inputs, spec=ATTN_SPEC,
+                 sets=None):
     """One attention file: `fn(**inputs)` forward, backward of sum(output * grad_output);
     float inputs that the output depends on get gradients (not a 0/1 mask, not token ids)."""
     g = gen(name + "/grad_output")
@@ -528,7 +533,8 @@ def attn_fixture(name, model, description, module, prefix, fn, inputs):
     for k, p in module.named_parameters():
         t[f"{prefix}{k}"] = p
         t[f"grad.{prefix}{k}"] = p.grad
-    write(name, t, meta(description, spec=ATTN_SPEC, model=model, mode="train"))
+    extra = {"set": sets} if sets else {}
+    write(name, t, meta(description, spec=spec, model=model, mode="train", **extra))
 
 
 class D2lMultiHeadAttention(nn.Module):
@@ -545,6 +551,8 @@ class D2lMultiHeadAttention(nn.Module):
 
     @staticmethod
     def masked_softmax(X, valid_lens):
+        if valid_lens is None:
+            return nn.functional.softmax(X, dim=-1)
         shape = X.shape
         if valid_lens.dim() == 1:
             valid_lens = torch.repeat_interleave(valid_lens, shape[1])
@@ -570,11 +578,74 @@ class D2lMultiHeadAttention(nn.Module):
         queries = self.transpose_qkv(self.W_q(queries))
         keys = self.transpose_qkv(self.W_k(keys))
         values = self.transpose_qkv(self.W_v(values))
-        valid_lens = torch.repeat_interleave(valid_lens, repeats=self.num_heads, dim=0)
+        if valid_lens is not None:
+            valid_lens = torch.repeat_interleave(valid_lens, repeats=self.num_heads, dim=0)
         d = queries.shape[-1]
         scores = torch.bmm(queries, keys.transpose(1, 2)) / math.sqrt(d)
         weights = self.masked_softmax(scores, valid_lens)
         return self.W_o(self.transpose_output(torch.bmm(weights, values)))
+
+
+class D2lViT(nn.Module):
+    """d2l's ViT (§11.8: PatchEmbedding, ViTMLP, ViTBlock, ViT) as the book writes it, with
+    eager layers in place of the lazy ones (same parameters and names)."""
+
+    class PatchEmbedding(nn.Module):
+        def __init__(self, channels, patch_size, num_hiddens):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, num_hiddens, kernel_size=patch_size,
+                                  stride=patch_size)
+
+        def forward(self, X):
+            return self.conv(X).flatten(2).transpose(1, 2)
+
+    class ViTMLP(nn.Module):
+        def __init__(self, num_hiddens, mlp_num_hiddens, dropout):
+            super().__init__()
+            self.dense1 = nn.Linear(num_hiddens, mlp_num_hiddens)
+            self.gelu = nn.GELU()
+            self.dropout1 = nn.Dropout(dropout)
+            self.dense2 = nn.Linear(mlp_num_hiddens, num_hiddens)
+            self.dropout2 = nn.Dropout(dropout)
+
+        def forward(self, x):
+            return self.dropout2(self.dense2(self.dropout1(self.gelu(self.dense1(x)))))
+
+    class ViTBlock(nn.Module):
+        def __init__(self, num_hiddens, mlp_num_hiddens, num_heads, dropout):
+            super().__init__()
+            self.ln1 = nn.LayerNorm(num_hiddens)
+            self.attention = D2lMultiHeadAttention(num_hiddens, num_heads, num_hiddens,
+                                                   num_hiddens, bias=False)
+            self.ln2 = nn.LayerNorm(num_hiddens)
+            self.mlp = D2lViT.ViTMLP(num_hiddens, mlp_num_hiddens, dropout)
+
+        def forward(self, X):
+            X = X + self.attention(*([self.ln1(X)] * 3), None)
+            return X + self.mlp(self.ln2(X))
+
+    def __init__(self, img_size, patch_size, num_hiddens, mlp_num_hiddens, num_heads,
+                 num_blks, num_classes, channels=1):
+        super().__init__()
+        self.patch_embedding = D2lViT.PatchEmbedding(channels, patch_size, num_hiddens)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, num_hiddens))
+        num_steps = (img_size // patch_size) ** 2 + 1
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_steps, num_hiddens) * 0.02)
+        self.dropout = nn.Dropout(0.0)
+        self.blks = nn.Sequential()
+        for i in range(num_blks):
+            self.blks.add_module(f"{i}", D2lViT.ViTBlock(num_hiddens, mlp_num_hiddens,
+                                                         num_heads, 0.0))
+        self.head = nn.Sequential(nn.LayerNorm(num_hiddens), nn.Linear(num_hiddens,
+                                                                       num_classes))
+
+    def forward(self, X):
+        X = self.patch_embedding(X)
+        X = torch.cat((self.cls_token.expand(X.shape[0], -1, -1), X), 1)
+        X = self.dropout(X + self.pos_embedding)
+        for blk in self.blks:
+            X = blk(X)
+        return self.head(X[:, 0])
 
 
 def causal_mask(t):
@@ -687,6 +758,59 @@ def make_attention():
                  {"tgt": randn(g, 2, 4, d), "memory": randn(g, 2, 6, d)})
 
 
+def make_attention_models():
+    name = "attn_vit"
+    torch.manual_seed(seed_of(name))
+    m = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                          hidden_dim=8, mlp_dim=16, num_classes=10).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "vit",
+                 "torchvision.models.vision_transformer.VisionTransformer(image_size=16, "
+                 "patch_size=8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, "
+                 "num_classes=10) (dropout 0) on image [2, 3, 16, 16]; state-dict keys as they "
+                 "are (conv_proj, class_token, encoder.pos_embedding, encoder.layers."
+                 "encoder_layer_0..., encoder.ln, heads.head)",
+                 m, "", lambda image: m(image), {"image": randn(g, 2, 3, 16, 16)},
+                 spec="specs/vit.dlc",
+                 sets=["patch=8", "layers=2", "heads=2", "hidden=8", "mlp_dim=16",
+                       "classes=10", "size=16"])
+
+    name = "attn_d2l_vit"
+    torch.manual_seed(seed_of(name))
+    m = D2lViT(img_size=16, patch_size=8, num_hiddens=8, mlp_num_hiddens=16, num_heads=2,
+               num_blks=2, num_classes=10).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "d2l_vit",
+                 "d2l's ViT (img_size=16, patch_size=8, num_hiddens=8, mlp_num_hiddens=16, "
+                 "num_heads=2, num_blks=2, dropout 0, use_bias=False, 10 classes) on image "
+                 "[2, 1, 16, 16]; state-dict keys as they are (patch_embedding.conv, "
+                 "cls_token, pos_embedding, blks.0.attention.W_q, ..., head.0, head.1)",
+                 m, "", lambda image: m(image), {"image": randn(g, 2, 1, 16, 16)},
+                 spec="specs/vit.dlc",
+                 sets=["hidden=8", "mlp_hidden=16", "heads=2", "blocks=2", "emb_drop=0",
+                       "blk_drop=0", "patch=8", "size=16"])
+
+    name = "attn_torch_transformer"
+    torch.manual_seed(seed_of(name))
+    m = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                       dim_feedforward=16, dropout=0.0, batch_first=True).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "torch_transformer",
+                 "nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, "
+                 "num_decoder_layers=2, dim_feedforward=16, dropout=0, batch_first=True)"
+                 "(src, tgt, tgt_mask=causal) on src [2, 6, 8], tgt [2, 4, 8]; state-dict keys "
+                 "as they are (encoder.layers.0.self_attn, ..., encoder.norm, "
+                 "decoder.layers.0.multihead_attn, ..., decoder.norm)",
+                 m, "", lambda src, tgt: m(src, tgt, tgt_mask=causal_mask(4)),
+                 {"src": randn(g, 2, 6, 8), "tgt": randn(g, 2, 4, 8)},
+                 spec="specs/transformer.dlc",
+                 sets=["d_model=8", "heads=2", "encoder_layers=2", "decoder_layers=2",
+                       "ffn=16", "drop=0"])
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -695,6 +819,7 @@ def main():
     make_lenet()
     n = make_basic_block()
     make_attention()
+    make_attention_models()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "

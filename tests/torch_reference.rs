@@ -11,7 +11,7 @@
 //! * `lenet`: `specs/lenet.dlc` model `lenet`, train mode, output and every gradient.
 //! * `basic_block`: `tests/fixtures/torch/basic_block.dlc`, eval-mode output, then on a fresh
 //!   network the train-mode output, running statistics after the step and every gradient.
-//! * `attn_<case>`: the model named by the file's `spec` and `model` metadata, fed one
+//! * `attn_<case>`: the model named by the file's `spec`, `model` and `set` metadata, fed one
 //!   `input.<name>` per model input (token ids as integers); output and every gradient,
 //!   `grad.input.<name>` for the inputs the output depends on.
 //!
@@ -179,10 +179,14 @@ macro_rules! try_or_fail {
     };
 }
 
-/// Compiles `path` (model `model`) and lowers it in float64; also returns the names of the
-/// model's inputs, in order.
-fn lower_with_inputs(path: &Path, model: Option<&str>) -> Result<(Network, Vec<String>), String> {
-    let compiled = compile(path, Select::One(model), &[]).map_err(|diags| {
+/// Compiles `path` (model `model`, with `--set` overrides `sets`) and lowers it in float64;
+/// also returns the names of the model's inputs, in order.
+fn lower_with_inputs(
+    path: &Path,
+    model: Option<&str>,
+    sets: &[String],
+) -> Result<(Network, Vec<String>), String> {
+    let compiled = compile(path, Select::One(model), sets).map_err(|diags| {
         diags
             .iter()
             .map(|d| d.render_plain(100))
@@ -203,7 +207,7 @@ fn lower_with_inputs(path: &Path, model: Option<&str>) -> Result<(Network, Vec<S
 
 /// Compiles `path` (model `model`) and lowers it in float64.
 fn lower(path: &Path, model: Option<&str>) -> Result<Network, String> {
-    lower_with_inputs(path, model).map(|(net, _)| net)
+    lower_with_inputs(path, model, &[]).map(|(net, _)| net)
 }
 
 /// Keys that are not parameters or buffers.
@@ -510,7 +514,7 @@ fn run_basic_block(fx: &Fixture, report: &mut Report) {
     );
 }
 
-/// A fixture of `tests/fixtures/torch/attention.dlc`: the model its metadata names, one
+/// A fixture of a spec model: the spec, model and `--set` values its metadata names, one
 /// `input.<name>` per model input, train mode (dropout 0), forward and backward.
 fn run_spec_model(fx: &Fixture, report: &mut Report) {
     let meta = |key: &str| {
@@ -519,10 +523,15 @@ fn run_spec_model(fx: &Fixture, report: &mut Report) {
             .unwrap_or_else(|| panic!("{}: no `{key}` metadata", fx.name))
     };
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(meta("spec"));
+    let sets: Vec<String> = fx
+        .meta
+        .get("set")
+        .map(|s| serde_json::from_str(s).unwrap_or_else(|e| panic!("{}: set: {e}", fx.name)))
+        .unwrap_or_default();
     let (mut net, names) = try_or_fail!(
         report,
         "compile/lower",
-        lower_with_inputs(&path, Some(meta("model")))
+        lower_with_inputs(&path, Some(meta("model")), &sets)
     );
     let keys: Vec<String> = names.iter().map(|n| format!("input.{n}")).collect();
     load_state(&net, fx, report);
