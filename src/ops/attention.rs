@@ -67,7 +67,7 @@ fn width(shape: &Shape, what: &str) -> Result<u64, ShapeError> {
     if shape.is_tokens() {
         return Err(ShapeError::new(
             "dlc::wrong_dtype",
-            format!("`attention` needs real numbers as {what}, but receives token ids {shape}"),
+            format!("`attention` needs real numbers as {what}, but receives {shape}"),
             "turn token ids into vectors first: `embedding(vocab, dim)`",
         ));
     }
