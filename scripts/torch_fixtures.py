@@ -32,6 +32,16 @@ seed, and running the script twice writes byte-identical files.
   models whose weights are too large to ship: torchvision's ``fcn_resnet50`` (with and
   without the aux head) and ``fcn_resnet101``, and d2l's FCN. ``tests/lowering.rs`` checks
   that the lowered spec has exactly these names and shapes.
+* ``attn_<case>.safetensors``: attention modules (``nn.MultiheadAttention`` self, cross,
+  causal, with key padding; d2l's ``MultiHeadAttention`` without bias; torchvision's ViT
+  ``EncoderBlock``; ``nn.TransformerDecoderLayer``), width 8 and 2 heads, forward and
+  backward. Each names a model of ``tests/fixtures/torch/attention.dlc`` (hand-written) in
+  its ``spec`` and ``model`` metadata; the model's inputs are ``input.<name>`` (token ids
+  as int64) and their gradients ``grad.input.<name>``.
+* ``attn_vit``, ``attn_d2l_vit``, ``attn_torch_transformer``: whole models at a small width
+  (torchvision's ``VisionTransformer``, d2l's ``ViT``, ``nn.Transformer``) against the
+  shipped specs ``specs/vit.dlc`` and ``specs/transformer.dlc``, whose parameters are set
+  to the same sizes by the ``set`` metadata (a JSON list of ``name=value``, as ``--set``).
 
 Key conventions (every file)
 ----------------------------
@@ -72,6 +82,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "torch"
@@ -892,6 +903,323 @@ def make_state_dict_keys():
         (KEYS / f"{name}.tsv").write_text("\n".join(lines) + "\n")
 
 
+# ---------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------
+
+ATTN_SPEC = "tests/fixtures/torch/attention.dlc"
+WIDTH, HEADS = 8, 2
+
+
+def randomize(module: nn.Module, g: torch.Generator) -> None:
+    """Every parameter drawn anew: weights N(0, 1/fan_in), vectors (biases, LayerNorm
+    weights) around their usual values, so that no zero bias or unit scale hides a mistake."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(randn(g, *p.shape, scale=1 / math.sqrt(p.shape[-1])))
+            elif name.endswith("weight"):
+                p.copy_(uniform(g, 0.5, 1.5, *p.shape))
+            else:
+                p.copy_(randn(g, *p.shape, scale=0.5))
+
+
+def attn_fixture(name, model, description, module, prefix, fn, inputs, spec=ATTN_SPEC,
+                 sets=None):
+    """One attention file: `fn(**inputs)` forward, backward of sum(output * grad_output);
+    float inputs that the output depends on get gradients (not a 0/1 mask, not token ids)."""
+    g = gen(name + "/grad_output")
+    inputs = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v)
+              for k, v in inputs.items()}
+    out = fn(**inputs)
+    grad_output = randn(g, *out.shape)
+    out.backward(grad_output)
+    t = {"output": out, "grad_output": grad_output}
+    for k, v in inputs.items():
+        t[f"input.{k}"] = v
+        if v.grad is not None:
+            t[f"grad.input.{k}"] = v.grad
+    for k, p in module.named_parameters():
+        t[f"{prefix}{k}"] = p
+        t[f"grad.{prefix}{k}"] = p.grad
+    extra = {"set": sets} if sets else {}
+    write(name, t, meta(description, spec=spec, model=model, mode="train", **extra))
+
+
+class D2lMultiHeadAttention(nn.Module):
+    """d2l's MultiHeadAttention (§11.5) with its DotProductAttention and masked_softmax,
+    as the book writes them, with nn.Linear in place of nn.LazyLinear (same parameters)."""
+
+    def __init__(self, num_hiddens, num_heads, query_size, kv_size, bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.W_q = nn.Linear(query_size, num_hiddens, bias=bias)
+        self.W_k = nn.Linear(kv_size, num_hiddens, bias=bias)
+        self.W_v = nn.Linear(kv_size, num_hiddens, bias=bias)
+        self.W_o = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+
+    @staticmethod
+    def masked_softmax(X, valid_lens):
+        if valid_lens is None:
+            return nn.functional.softmax(X, dim=-1)
+        shape = X.shape
+        if valid_lens.dim() == 1:
+            valid_lens = torch.repeat_interleave(valid_lens, shape[1])
+        else:
+            valid_lens = valid_lens.reshape(-1)
+        X = X.reshape(-1, shape[-1])
+        maxlen = X.size(1)
+        mask = torch.arange(maxlen, dtype=torch.float32)[None, :] < valid_lens[:, None]
+        X[~mask] = -1e6
+        return nn.functional.softmax(X.reshape(shape), dim=-1)
+
+    def transpose_qkv(self, X):
+        X = X.reshape(X.shape[0], X.shape[1], self.num_heads, -1)
+        X = X.permute(0, 2, 1, 3)
+        return X.reshape(-1, X.shape[2], X.shape[3])
+
+    def transpose_output(self, X):
+        X = X.reshape(-1, self.num_heads, X.shape[1], X.shape[2])
+        X = X.permute(0, 2, 1, 3)
+        return X.reshape(X.shape[0], X.shape[1], -1)
+
+    def forward(self, queries, keys, values, valid_lens):
+        queries = self.transpose_qkv(self.W_q(queries))
+        keys = self.transpose_qkv(self.W_k(keys))
+        values = self.transpose_qkv(self.W_v(values))
+        if valid_lens is not None:
+            valid_lens = torch.repeat_interleave(valid_lens, repeats=self.num_heads, dim=0)
+        d = queries.shape[-1]
+        scores = torch.bmm(queries, keys.transpose(1, 2)) / math.sqrt(d)
+        weights = self.masked_softmax(scores, valid_lens)
+        return self.W_o(self.transpose_output(torch.bmm(weights, values)))
+
+
+class D2lViT(nn.Module):
+    """d2l's ViT (§11.8: PatchEmbedding, ViTMLP, ViTBlock, ViT) as the book writes it, with
+    eager layers in place of the lazy ones (same parameters and names)."""
+
+    class PatchEmbedding(nn.Module):
+        def __init__(self, channels, patch_size, num_hiddens):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, num_hiddens, kernel_size=patch_size,
+                                  stride=patch_size)
+
+        def forward(self, X):
+            return self.conv(X).flatten(2).transpose(1, 2)
+
+    class ViTMLP(nn.Module):
+        def __init__(self, num_hiddens, mlp_num_hiddens, dropout):
+            super().__init__()
+            self.dense1 = nn.Linear(num_hiddens, mlp_num_hiddens)
+            self.gelu = nn.GELU()
+            self.dropout1 = nn.Dropout(dropout)
+            self.dense2 = nn.Linear(mlp_num_hiddens, num_hiddens)
+            self.dropout2 = nn.Dropout(dropout)
+
+        def forward(self, x):
+            return self.dropout2(self.dense2(self.dropout1(self.gelu(self.dense1(x)))))
+
+    class ViTBlock(nn.Module):
+        def __init__(self, num_hiddens, mlp_num_hiddens, num_heads, dropout):
+            super().__init__()
+            self.ln1 = nn.LayerNorm(num_hiddens)
+            self.attention = D2lMultiHeadAttention(num_hiddens, num_heads, num_hiddens,
+                                                   num_hiddens, bias=False)
+            self.ln2 = nn.LayerNorm(num_hiddens)
+            self.mlp = D2lViT.ViTMLP(num_hiddens, mlp_num_hiddens, dropout)
+
+        def forward(self, X):
+            X = X + self.attention(*([self.ln1(X)] * 3), None)
+            return X + self.mlp(self.ln2(X))
+
+    def __init__(self, img_size, patch_size, num_hiddens, mlp_num_hiddens, num_heads,
+                 num_blks, num_classes, channels=1):
+        super().__init__()
+        self.patch_embedding = D2lViT.PatchEmbedding(channels, patch_size, num_hiddens)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, num_hiddens))
+        num_steps = (img_size // patch_size) ** 2 + 1
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_steps, num_hiddens) * 0.02)
+        self.dropout = nn.Dropout(0.0)
+        self.blks = nn.Sequential()
+        for i in range(num_blks):
+            self.blks.add_module(f"{i}", D2lViT.ViTBlock(num_hiddens, mlp_num_hiddens,
+                                                         num_heads, 0.0))
+        self.head = nn.Sequential(nn.LayerNorm(num_hiddens), nn.Linear(num_hiddens,
+                                                                       num_classes))
+
+    def forward(self, X):
+        X = self.patch_embedding(X)
+        X = torch.cat((self.cls_token.expand(X.shape[0], -1, -1), X), 1)
+        X = self.dropout(X + self.pos_embedding)
+        for blk in self.blks:
+            X = blk(X)
+        return self.head(X[:, 0])
+
+
+def causal_mask(t):
+    """True above the diagonal: position t may not attend to later keys."""
+    return torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+
+
+def make_attention():
+    d, h = WIDTH, HEADS
+
+    def mha(name, bias=True):
+        torch.manual_seed(seed_of(name))
+        m = nn.MultiheadAttention(d, h, bias=bias, batch_first=True).double()
+        randomize(m, gen(name + "/params"))
+        return m
+
+    name = "attn_mha_self"
+    m = mha(name)
+    g = gen(name)
+    attn_fixture(name, "mha_self",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x)[0] on x [2, 5, 8]; "
+                 "keys prefixed `layer.`; backward of sum(output * grad_output)",
+                 m, "layer.", lambda x: m(x, x, x, need_weights=False)[0],
+                 {"x": randn(g, 2, 5, d)})
+
+    name = "attn_mha_cross"
+    m = mha(name)
+    g = gen(name)
+    attn_fixture(name, "mha_cross",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, kv, kv)[0], queries x "
+                 "[2, 4, 8] over keys and values kv [2, 6, 8]",
+                 m, "layer.", lambda x, kv: m(x, kv, kv, need_weights=False)[0],
+                 {"x": randn(g, 2, 4, d), "kv": randn(g, 2, 6, d)})
+
+    name = "attn_mha_causal"
+    m = mha(name, bias=False)
+    g = gen(name)
+    attn_fixture(name, "mha_causal",
+                 "nn.MultiheadAttention(8, 2, bias=False, batch_first=True)(x, x, x, "
+                 "attn_mask=triu(ones(5, 5), 1).bool())[0] on x [2, 5, 8]: causal "
+                 "self-attention without projection biases",
+                 m, "layer.",
+                 lambda x: m(x, x, x, attn_mask=causal_mask(5), need_weights=False)[0],
+                 {"x": randn(g, 2, 5, d)})
+
+    name = "attn_mha_padding"
+    m = mha(name)
+    g = gen(name)
+    ids = torch.tensor([[3, 7, 2, 0, 0], [5, 1, 4, 6, 9]], dtype=torch.int64)
+    attn_fixture(name, "mha_padding",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x, attn_mask=causal, "
+                 "key_padding_mask=(ids == 0))[0] on x [2, 5, 8]; ids [2, 5] int64 token ids "
+                 "with padding id 0 (example 0 has two padded keys, example 1 none)",
+                 m, "layer.",
+                 lambda x, ids: m(x, x, x, attn_mask=causal_mask(5), key_padding_mask=ids == 0,
+                                  need_weights=False)[0],
+                 {"x": randn(g, 2, 5, d), "ids": ids})
+
+    name = "attn_mha_cross_padding"
+    m = mha(name)
+    g = gen(name)
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=DTYPE)
+    attn_fixture(name, "mha_cross_padding",
+                 "nn.MultiheadAttention(8, 2, batch_first=True)(x, kv, kv, "
+                 "key_padding_mask=(keep == 0))[0], x [2, 4, 8], kv [2, 6, 8], keep [2, 6] a "
+                 "float 0/1 mask (1: attend)",
+                 m, "layer.",
+                 lambda x, kv, keep: m(x, kv, kv, key_padding_mask=keep == 0,
+                                       need_weights=False)[0],
+                 {"x": randn(g, 2, 4, d), "kv": randn(g, 2, 6, d), "keep": keep})
+
+    name = "attn_d2l_mha"
+    torch.manual_seed(seed_of(name))
+    m = D2lMultiHeadAttention(d, h, query_size=d, kv_size=10, bias=False).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    ids = torch.tensor([[4, 5, 6, 1, 1, 1], [7, 8, 9, 2, 3, 1]], dtype=torch.int64)
+    attn_fixture(name, "d2l_mha",
+                 "d2l's MultiHeadAttention(num_hiddens=8, num_heads=2, dropout=0, bias=False) "
+                 "(W_q [8, 8], W_k and W_v [8, 10], W_o [8, 8]) on queries q [2, 4, 8], keys "
+                 "and values kv [2, 6, 10], valid_lens = (ids != 1).sum(1) = [3, 5] with ids "
+                 "[2, 6] int64 whose padding id is 1 (d2l's <pad>)",
+                 m, "layer.",
+                 lambda q, kv, ids: m(q, kv, kv, (ids != 1).sum(1)),
+                 {"q": randn(g, 2, 4, d), "kv": randn(g, 2, 6, 10), "ids": ids})
+
+    name = "attn_vit_encoder_block"
+    torch.manual_seed(seed_of(name))
+    m = EncoderBlock(h, d, 16, dropout=0.0, attention_dropout=0.0).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "vit_encoder_block",
+                 "torchvision.models.vision_transformer.EncoderBlock(num_heads=2, hidden_dim=8, "
+                 "mlp_dim=16, dropout=0, attention_dropout=0) (LayerNorm eps 1e-6, GELU MLP) "
+                 "on x [2, 5, 8]; keys prefixed `block.`",
+                 m, "block.", lambda x: m(x), {"x": randn(g, 2, 5, d)})
+
+    name = "attn_decoder_layer"
+    torch.manual_seed(seed_of(name))
+    m = nn.TransformerDecoderLayer(d, h, dim_feedforward=16, dropout=0.0,
+                                   batch_first=True).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "decoder_layer",
+                 "nn.TransformerDecoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0, "
+                 "batch_first=True)(tgt, memory, tgt_mask=causal) (post-norm, ReLU) on tgt "
+                 "[2, 4, 8], memory [2, 6, 8]; keys prefixed `block.`",
+                 m, "block.",
+                 lambda tgt, memory: m(tgt, memory, tgt_mask=causal_mask(4)),
+                 {"tgt": randn(g, 2, 4, d), "memory": randn(g, 2, 6, d)})
+
+
+def make_attention_models():
+    name = "attn_vit"
+    torch.manual_seed(seed_of(name))
+    m = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                          hidden_dim=8, mlp_dim=16, num_classes=10).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "vit",
+                 "torchvision.models.vision_transformer.VisionTransformer(image_size=16, "
+                 "patch_size=8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, "
+                 "num_classes=10) (dropout 0) on image [2, 3, 16, 16]; state-dict keys as they "
+                 "are (conv_proj, class_token, encoder.pos_embedding, encoder.layers."
+                 "encoder_layer_0..., encoder.ln, heads.head)",
+                 m, "", lambda image: m(image), {"image": randn(g, 2, 3, 16, 16)},
+                 spec="specs/vit.dlc",
+                 sets=["patch=8", "layers=2", "heads=2", "hidden=8", "mlp_dim=16",
+                       "classes=10", "size=16"])
+
+    name = "attn_d2l_vit"
+    torch.manual_seed(seed_of(name))
+    m = D2lViT(img_size=16, patch_size=8, num_hiddens=8, mlp_num_hiddens=16, num_heads=2,
+               num_blks=2, num_classes=10).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "d2l_vit",
+                 "d2l's ViT (img_size=16, patch_size=8, num_hiddens=8, mlp_num_hiddens=16, "
+                 "num_heads=2, num_blks=2, dropout 0, use_bias=False, 10 classes) on image "
+                 "[2, 1, 16, 16]; state-dict keys as they are (patch_embedding.conv, "
+                 "cls_token, pos_embedding, blks.0.attention.W_q, ..., head.0, head.1)",
+                 m, "", lambda image: m(image), {"image": randn(g, 2, 1, 16, 16)},
+                 spec="specs/vit.dlc",
+                 sets=["hidden=8", "mlp_hidden=16", "heads=2", "blocks=2", "emb_drop=0",
+                       "blk_drop=0", "patch=8", "size=16"])
+
+    name = "attn_torch_transformer"
+    torch.manual_seed(seed_of(name))
+    m = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                       dim_feedforward=16, dropout=0.0, batch_first=True).double()
+    randomize(m, gen(name + "/params"))
+    g = gen(name)
+    attn_fixture(name, "torch_transformer",
+                 "nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, "
+                 "num_decoder_layers=2, dim_feedforward=16, dropout=0, batch_first=True)"
+                 "(src, tgt, tgt_mask=causal) on src [2, 6, 8], tgt [2, 4, 8]; state-dict keys "
+                 "as they are (encoder.layers.0.self_attn, ..., encoder.norm, "
+                 "decoder.layers.0.multihead_attn, ..., decoder.norm)",
+                 m, "", lambda src, tgt: m(src, tgt, tgt_mask=causal_mask(4)),
+                 {"src": randn(g, 2, 6, 8), "tgt": randn(g, 2, 4, 8)},
+                 spec="specs/transformer.dlc",
+                 sets=["d_model=8", "heads=2", "encoder_layers=2", "decoder_layers=2",
+                       "ffn=16", "drop=0"])
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -904,6 +1232,8 @@ def main():
     make_seq2seq(True)
     counts = check_counts()
     make_state_dict_keys()
+    make_attention()
+    make_attention_models()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "

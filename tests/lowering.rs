@@ -1,11 +1,10 @@
 //! Lowering agrees with inference for every shipped model: the trainable variables hold
 //! exactly `dlc params`' total, the buffers its buffer count, and a forward pass (at a
-//! reduced input size where the spec has a `size` parameter) returns the inferred shapes of
-//! every output, with batch 2, sequences of length 5 and token ids for token inputs.
-//! reduced input size where the spec has a `size` parameter) returns the inferred shape of
-//! every output. Models whose weights are too large to ship as fixtures have their reference
-//! state-dict keys and shapes in `tests/reference/state_dicts/` (written by
-//! `scripts/torch_fixtures.py`); the lowered network must have exactly those.
+//! reduced input size where the spec has a `size` parameter; batch 2, symbolic lengths 5,
+//! token ids for token inputs) returns the inferred shape of every output. Models whose
+//! weights are too large to ship as fixtures have their reference state-dict keys and shapes
+//! in `tests/reference/state_dicts/` (written by `scripts/torch_fixtures.py`); the lowered
+//! network must have exactly those.
 
 use std::collections::BTreeMap;
 use std::path::Path;

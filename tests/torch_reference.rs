@@ -19,6 +19,9 @@
 //! * `seq2seq`, `seq2seq_attention`: `specs/seq2seq.dlc` at the fixture's sizes (`--set`),
 //!   eval mode, teacher forcing; output and every parameter gradient, d2l's keys loaded by
 //!   name (`decoder.attention.*` renamed to dlc's `decoder.rnn.attention.*`).
+//! * `attn_<case>`: the model named by the file's `spec`, `model` and `set` metadata, fed one
+//!   `input.<name>` per model input (token ids as integers); output and every gradient,
+//!   `grad.input.<name>` for the inputs the output depends on.
 //!
 //! Dispatch is by file name and an unknown file fails the test, so a new fixture cannot be
 //! skipped silently. Every tensor comparison is recorded; the failure message (and the
@@ -184,8 +187,13 @@ macro_rules! try_or_fail {
     };
 }
 
-/// Compiles `path` (model `model`, with `--set` overrides `sets`) and lowers it in float64.
-fn lower(path: &Path, model: Option<&str>, sets: &[String]) -> Result<Network, String> {
+/// Compiles `path` (model `model`, with `--set` overrides `sets`) and lowers it in float64;
+/// also returns the names of the model's inputs, in order.
+fn lower_with_inputs(
+    path: &Path,
+    model: Option<&str>,
+    sets: &[String],
+) -> Result<(Network, Vec<String>), String> {
     let compiled = compile(path, Select::One(model), sets).map_err(|diags| {
         diags
             .iter()
@@ -194,7 +202,20 @@ fn lower(path: &Path, model: Option<&str>, sets: &[String]) -> Result<Network, S
             .join("\n")
     })?;
     let model = compiled.models.first().ok_or("no model compiled")?;
-    Network::new(model, &Device::Cpu, DType::F64, Init::Torch, 0).map_err(|e| e.to_string())
+    let inputs = model
+        .graph
+        .inputs
+        .iter()
+        .map(|i| model.graph.dag[*i].name.clone())
+        .collect();
+    let net =
+        Network::new(model, &Device::Cpu, DType::F64, Init::Torch, 0).map_err(|e| e.to_string())?;
+    Ok((net, inputs))
+}
+
+/// Compiles `path` (model `model`, with `--set` overrides `sets`) and lowers it in float64.
+fn lower(path: &Path, model: Option<&str>, sets: &[String]) -> Result<Network, String> {
+    lower_with_inputs(path, model, sets).map(|(net, _)| net)
 }
 
 /// Keys that are not parameters or buffers.
@@ -263,12 +284,15 @@ fn buffers_now(net: &Network) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-/// Forward in `train` mode on the fixture's input, compare with `output_key`; then (if
-/// `backward`) gradients of `sum(output * grad_output)` for the input and every parameter;
-/// then the buffers: in train mode against `after.<name>`, in eval mode unchanged.
+/// Forward in `train` mode on the fixture's inputs (the keys `input_keys`, one per model
+/// input), compare with `output_key`; then (if `backward`) gradients of
+/// `sum(output * grad_output)` for every parameter and every float input that has a reference
+/// gradient `grad.<input key>`; then the buffers: in train mode against `after.<name>`, in eval
+/// mode unchanged.
 fn forward_backward(
     net: &mut Network,
     fx: &Fixture,
+    input_keys: &[String],
     output_key: &str,
     train: bool,
     backward: bool,
@@ -276,11 +300,23 @@ fn forward_backward(
 ) {
     let tag = if train { "train" } else { "eval" };
     let before = buffers_now(net);
-    let x = try_or_fail!(report, "input", Var::from_tensor(fx.get("input")));
+    // Float inputs become variables (to take gradients); token ids stay as they are.
+    let mut inputs = Vec::new();
+    let mut vars = Vec::new();
+    for key in input_keys {
+        let t = fx.get(key);
+        if t.dtype().is_float() {
+            let var = try_or_fail!(report, key.clone(), Var::from_tensor(t));
+            inputs.push(var.as_tensor().clone());
+            vars.push((key, var));
+        } else {
+            inputs.push(t.clone());
+        }
+    }
     let outs = try_or_fail!(
         report,
         format!("forward ({tag})"),
-        net.forward(&[x.as_tensor().clone()], train)
+        net.forward(&inputs, train)
     );
     if outs.len() != 1 {
         report.fail("outputs", format!("{} outputs, expected 1", outs.len()));
@@ -314,11 +350,14 @@ fn forward_backward(
         out.mul(fx.get("grad_output")).and_then(|t| t.sum_all())
     );
     let grads = try_or_fail!(report, "backward", loss.backward());
-    // Token ids have no gradient.
-    if !x.dtype().is_int() {
-        match grads.get(x.as_tensor()) {
-            Some(g) => report.compare("grad.input", g, fx.get("grad.input")),
-            None => report.fail("grad.input", "no gradient"),
+    for (key, var) in &vars {
+        let key = format!("grad.{key}");
+        let Some(want) = fx.tensors.get(&key) else {
+            continue;
+        };
+        match grads.get(var.as_tensor()) {
+            Some(g) => report.compare(key, g, want),
+            None => report.fail(key, "no gradient"),
         }
     }
     compare_param_grads(net, fx, &grads, report);
@@ -345,7 +384,9 @@ fn compare_param_grads(
     for key in fx
         .tensors
         .keys()
-        .filter(|k| k.starts_with("grad.") && *k != "grad.input" && !k.starts_with("grad.initial."))
+        .filter(|k| {
+            k.starts_with("grad.") && !k.starts_with("grad.input") && !k.starts_with("grad.initial.")
+        })
     {
         if !net.state.params.contains_key(&key["grad.".len()..]) {
             report.fail(key.clone(), "reference gradient of no network parameter");
@@ -426,6 +467,11 @@ fn op_specs(fx: &Fixture) -> Vec<String> {
         .collect()
 }
 
+/// The input key of a one-input fixture.
+fn one_input() -> Vec<String> {
+    vec!["input".to_string()]
+}
+
 fn run_op(fx: &Fixture, report: &mut Report) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("torch_reference");
     std::fs::create_dir_all(&dir).unwrap();
@@ -437,7 +483,15 @@ fn run_op(fx: &Fixture, report: &mut Report) {
         match lower(&path, Some("m"), &[]) {
             Ok(mut net) => {
                 load_state(&net, fx, &mut sub);
-                forward_backward(&mut net, fx, "output", fx.mode_train(), true, &mut sub);
+                forward_backward(
+                    &mut net,
+                    fx,
+                    &one_input(),
+                    "output",
+                    fx.mode_train(),
+                    true,
+                    &mut sub,
+                );
             }
             Err(e) => sub.fail("compile/lower", format!("{spec}\n{e}")),
         }
@@ -599,7 +653,7 @@ fn run_lenet(fx: &Fixture, report: &mut Report) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/lenet.dlc");
     let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("lenet"), &[]));
     load_state(&net, fx, report);
-    forward_backward(&mut net, fx, "output", true, true, report);
+    forward_backward(&mut net, fx, &one_input(), "output", true, true, report);
 }
 
 fn run_basic_block(fx: &Fixture, report: &mut Report) {
@@ -611,7 +665,15 @@ fn run_basic_block(fx: &Fixture, report: &mut Report) {
         lower(&path, Some("basic_block"), &[])
     );
     load_state(&net, fx, report);
-    forward_backward(&mut net, fx, "output.eval", false, false, report);
+    forward_backward(
+        &mut net,
+        fx,
+        &one_input(),
+        "output.eval",
+        false,
+        false,
+        report,
+    );
     // A fresh network: one train-mode step.
     let mut net = try_or_fail!(
         report,
@@ -619,7 +681,39 @@ fn run_basic_block(fx: &Fixture, report: &mut Report) {
         lower(&path, Some("basic_block"), &[])
     );
     load_state(&net, fx, report);
-    forward_backward(&mut net, fx, "output.train", true, true, report);
+    forward_backward(
+        &mut net,
+        fx,
+        &one_input(),
+        "output.train",
+        true,
+        true,
+        report,
+    );
+}
+
+/// A fixture of a spec model: the spec, model and `--set` values its metadata names, one
+/// `input.<name>` per model input, train mode (dropout 0), forward and backward.
+fn run_spec_model(fx: &Fixture, report: &mut Report) {
+    let meta = |key: &str| {
+        fx.meta
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no `{key}` metadata", fx.name))
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(meta("spec"));
+    let sets: Vec<String> = fx
+        .meta
+        .get("set")
+        .map(|s| serde_json::from_str(s).unwrap_or_else(|e| panic!("{}: set: {e}", fx.name)))
+        .unwrap_or_default();
+    let (mut net, names) = try_or_fail!(
+        report,
+        "compile/lower",
+        lower_with_inputs(&path, Some(meta("model")), &sets)
+    );
+    let keys: Vec<String> = names.iter().map(|n| format!("input.{n}")).collect();
+    load_state(&net, fx, report);
+    forward_backward(&mut net, fx, &keys, "output", fx.mode_train(), true, report);
 }
 
 #[test]
@@ -648,6 +742,7 @@ fn lowering_matches_pytorch() {
             "basic_block" => run_basic_block(&fx, &mut report),
             "seq2seq" | "seq2seq_attention" => run_seq2seq(&fx, &mut report),
             n if n.starts_with("seq_") => run_recurrent(&fx, &mut report),
+            n if n.starts_with("attn_") => run_spec_model(&fx, &mut report),
             n if n.starts_with("op_") => run_op(&fx, &mut report),
             n => report.fail(
                 "dispatch",

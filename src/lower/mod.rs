@@ -6,6 +6,7 @@
 //! hierarchical name (`layer1.0.conv1.weight`), so checkpoints and PyTorch state dicts share keys.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod layout;
 pub mod linear;
@@ -15,6 +16,7 @@ pub mod pool;
 pub mod recurrent;
 pub mod sequence;
 pub mod spatial;
+pub mod position;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -57,6 +59,10 @@ enum Layer {
     Embedding(sequence::Embedding),
     OneHot(usize),
     Recurrent(recurrent::Recurrent),
+    Attention(attention::Attention),
+    PosEnc(position::PosEnc),
+    PosEmbedding(position::PosEmbedding),
+    ClassToken(position::ClassToken),
 }
 
 /// A model lowered to candle: layers in topological order over a shared [`State`].
@@ -180,6 +186,29 @@ impl Network {
                         &mut state, name, r, in_dims[2], memory,
                     )?)
                 }
+                Op::Attention(a) => {
+                    let width = in_dims[2];
+                    let kv_width = if a.cross {
+                        dims(g, ins[1].node, ins[1].slot)[2]
+                    } else {
+                        width
+                    };
+                    let token_mask =
+                        a.masked && ins.last().is_some_and(|m| g.shape(*m).is_tokens());
+                    Layer::Attention(attention::Attention::new(
+                        &mut state, name, a, width, kv_width, token_mask,
+                    )?)
+                }
+                Op::PosEnc(p) => Layer::PosEnc(position::PosEnc::new(&state, p, in_dims[2])?),
+                Op::PosEmbedding(p) => {
+                    let len = p.positions(g.shape(ins[0])) as usize;
+                    Layer::PosEmbedding(position::PosEmbedding::new(
+                        &mut state, name, len, in_dims[2],
+                    )?)
+                }
+                Op::ClassToken => {
+                    Layer::ClassToken(position::ClassToken::new(&mut state, name, in_dims[2])?)
+                }
             };
             for o in &ins {
                 last_use[o.node.index()] = idx.index();
@@ -269,6 +298,10 @@ impl Network {
                     Layer::Upsample(r) => r.forward(one()?)?,
                     Layer::Pad(sides) => spatial::pad(one()?, *sides)?,
                     Layer::Crop(origin, size) => spatial::crop(one()?, *origin, *size)?,
+                    Layer::Attention(a) => a.forward(&args, train, &mut self.state)?,
+                    Layer::PosEnc(p) => p.forward(one()?, train, &mut self.state)?,
+                    Layer::PosEmbedding(p) => p.forward(one()?)?,
+                    Layer::ClassToken(c) => c.forward(one()?)?,
                     Layer::Embedding(e) => e.forward(one()?)?,
                     Layer::OneHot(classes) => {
                         sequence::one_hot(one()?, *classes, self.state.dtype)?

@@ -1,5 +1,6 @@
 //! The network's state: trainable parameters and buffers (BatchNorm running statistics),
-//! each at `<node name>.<kind>`, kept in sorted maps so that iteration, initialisation and
+//! each at `<node name>.<kind>` (or at the node's own name for a node that is a single
+//! parameter, as `class_token` and `encoder.pos_embedding`), kept in sorted maps so that iteration, initialisation and
 //! checkpoints are deterministic; and the seeded random number generator every random
 //! choice (initialisation, dropout) draws from.
 
@@ -82,6 +83,14 @@ impl State {
             Init::Xavier => (6.0 / (fan_in + fan_out) as f64).sqrt(),
         };
         let values = self.uniform(n, bound);
+        self.param(name, values, shape)
+    }
+
+    /// A `[out, in]` weight drawn Xavier-uniform whatever the scheme, as PyTorch's
+    /// `nn.MultiheadAttention` draws its packed `in_proj_weight`.
+    pub fn xavier(&mut self, name: &str, shape: &[usize]) -> Result<Var> {
+        let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+        let values = self.uniform(shape.iter().product(), bound);
         self.param(name, values, shape)
     }
 

@@ -4,15 +4,18 @@
 //!
 //! Conventions follow torchvision: parameters are trainable tensors only (BatchNorm's
 //! running statistics are buffers, counted apart); MACs count the multiply-accumulates of
-//! conv and linear layers for one example.
+//! conv and linear layers, and of attention's projections and its two matrix products
+//! (scores and weighted values), for one example.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod layout;
 pub mod linear;
 pub mod merge;
 pub mod norm;
 pub mod pool;
+pub mod position;
 pub mod reshape;
 pub mod sequence;
 pub mod spatial;
@@ -153,6 +156,14 @@ pub enum Op {
     Broadcast(layout::Broadcast),
     /// Elementwise product with broadcasting.
     Mul,
+    /// Multi-head attention.
+    Attention(attention::Attention),
+    /// Sinusoidal positional encoding added.
+    PosEnc(position::PosEnc),
+    /// Learned positional embedding added.
+    PosEmbedding(position::PosEmbedding),
+    /// A learned token prepended to the sequence.
+    ClassToken,
 }
 
 impl Op {
@@ -188,6 +199,10 @@ impl Op {
             Op::Permute(_) => "permute",
             Op::Broadcast(_) => "broadcast",
             Op::Mul => "mul",
+            Op::Attention(_) => "attention",
+            Op::PosEnc(_) => "posenc",
+            Op::PosEmbedding(_) => "pos_embedding",
+            Op::ClassToken => "class_token",
         }
     }
 
@@ -213,6 +228,8 @@ impl Op {
                 | Op::Broadcast(_)
                 | Op::Embedding(_)
                 | Op::OneHot(_)
+                // `attention` takes token ids as its key padding mask only, and checks the rest.
+                | Op::Attention(_)
         )
     }
 
@@ -261,6 +278,10 @@ impl Op {
             Op::Permute(p) => one(p.infer(&first(inputs)?)),
             Op::Broadcast(b) => one(b.infer(inputs)),
             Op::Mul => one(layout::infer_mul(inputs)),
+            Op::Attention(a) => one(a.infer(inputs)),
+            Op::PosEnc(p) => one(p.infer(&first(inputs)?)),
+            Op::PosEmbedding(p) => one(p.infer(&first(inputs)?)),
+            Op::ClassToken => one(position::infer_class_token(&first(inputs)?)),
         }
     }
 
@@ -277,6 +298,9 @@ impl Op {
             Op::LayerNorm(l) => l.cost(input),
             Op::Embedding(e) => e.cost(),
             Op::Recurrent(r) => r.cost(inputs),
+            Op::Attention(a) => a.cost(inputs),
+            Op::PosEmbedding(p) => p.cost(input),
+            Op::ClassToken => position::class_token_cost(input),
             _ => Cost::free(),
         }
     }
@@ -554,6 +578,8 @@ pub const REGISTRY: &[&[OpDef]] = &[
     sequence::DEFS,
     spatial::DEFS,
     layout::DEFS,
+    attention::DEFS,
+    position::DEFS,
 ];
 
 /// Looks an op up by name.
