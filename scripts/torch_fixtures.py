@@ -878,6 +878,54 @@ def d2l_fcn(num_classes=21):
     return net
 
 
+def d2l_transformer(src_vocab=184, tgt_vocab=201, hidden=32, ffn=64, heads=4, layers=2):
+    """d2l §10.7's Transformer (zh 2.0.0), re-written with only the modules that hold
+    parameters, in the book's order and names (no forward: only its state dict is used)."""
+
+    def mha():
+        m = nn.Module()
+        for k in ("W_q", "W_k", "W_v", "W_o"):
+            setattr(m, k, nn.Linear(hidden, hidden, bias=False))
+        return m
+
+    def addnorm():
+        m = nn.Module()
+        m.ln = nn.LayerNorm(hidden)
+        return m
+
+    def position_ffn():
+        m = nn.Module()
+        m.dense1 = nn.Linear(hidden, ffn)
+        m.dense2 = nn.Linear(ffn, hidden)
+        return m
+
+    def block(decoder):
+        b = nn.Module()
+        if decoder:
+            b.attention1, b.addnorm1 = mha(), addnorm()
+            b.attention2, b.addnorm2 = mha(), addnorm()
+            b.ffn, b.addnorm3 = position_ffn(), addnorm()
+        else:
+            b.attention, b.addnorm1 = mha(), addnorm()
+            b.ffn, b.addnorm2 = position_ffn(), addnorm()
+        return b
+
+    def coder(vocab, decoder):
+        c = nn.Module()
+        c.embedding = nn.Embedding(vocab, hidden)
+        c.blks = nn.Sequential()
+        for i in range(layers):
+            c.blks.add_module(f"block{i}", block(decoder))
+        if decoder:
+            c.dense = nn.Linear(hidden, vocab)
+        return c
+
+    net = nn.Module()
+    net.encoder = coder(src_vocab, False)
+    net.decoder = coder(tgt_vocab, True)
+    return net
+
+
 def make_state_dict_keys():
     """`<model>.tsv`: every state-dict key (parameters and buffers, without
     `num_batches_tracked`) with its shape, in the model's order; the first line names the
@@ -892,6 +940,8 @@ def make_state_dict_keys():
          lambda: fcn_resnet101(weights=None, weights_backbone=None, aux_loss=True)),
         ("d2l_fcn", "specs/fcn.dlc", "d2l's FCN: resnet18 children[:-2], final_conv, "
          "transpose_conv", d2l_fcn),
+        ("transformer", "specs/transformer.dlc", "d2l's Transformer (hidden 32, FFN 64, "
+         "4 heads, 2+2 blocks, vocabularies 184/201)", d2l_transformer),
     ]
     KEYS.mkdir(parents=True, exist_ok=True)
     for name, spec, source, build in models:

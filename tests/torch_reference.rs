@@ -381,13 +381,9 @@ fn compare_param_grads(
             None => report.fail(key, "no gradient"),
         }
     }
-    for key in fx
-        .tensors
-        .keys()
-        .filter(|k| {
-            k.starts_with("grad.") && !k.starts_with("grad.input") && !k.starts_with("grad.initial.")
-        })
-    {
+    for key in fx.tensors.keys().filter(|k| {
+        k.starts_with("grad.") && !k.starts_with("grad.input") && !k.starts_with("grad.initial.")
+    }) {
         if !net.state.params.contains_key(&key["grad.".len()..]) {
             report.fail(key.clone(), "reference gradient of no network parameter");
         }

@@ -13,10 +13,10 @@ pub mod linear;
 pub mod norm;
 pub mod params;
 pub mod pool;
+pub mod position;
 pub mod recurrent;
 pub mod sequence;
 pub mod spatial;
-pub mod position;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
