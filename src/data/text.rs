@@ -49,7 +49,7 @@ impl Vocab {
             counts[i].1 += 1;
         }
         // Stable: equal counts keep the order of first appearance, as Python's `sorted`.
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         let mut all = vec![UNK.to_string()];
         all.extend(reserved.iter().map(|t| t.to_string()));
         for (t, n) in counts {

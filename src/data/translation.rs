@@ -124,7 +124,7 @@ impl Pairs {
             ))
         })?;
         let pairs = Pairs::from_text(&text, count, steps, path.clone());
-        if pairs.len() == 0 {
+        if pairs.is_empty() {
             return Err(Diag::new(
                 "dlc::data",
                 format!("`{}` holds no `source<TAB>target` lines", path.display()),
