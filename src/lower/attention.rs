@@ -114,9 +114,11 @@ impl Attention {
             heads: cfg.heads as usize,
             cross: cfg.cross,
             causal: cfg.causal,
-            padding: cfg
-                .masked
-                .then_some(if token_mask { cfg.pad.unwrap_or(0) as f64 } else { 0.0 }),
+            padding: cfg.masked.then_some(if token_mask {
+                cfg.pad.unwrap_or(0) as f64
+            } else {
+                0.0
+            }),
             dropout: cfg.dropout,
         })
     }
