@@ -38,9 +38,10 @@ seed, and running the script twice writes byte-identical files.
   backward. Each names a model of ``tests/fixtures/torch/attention.dlc`` (hand-written) in
   its ``spec`` and ``model`` metadata; the model's inputs are ``input.<name>`` (token ids
   as int64) and their gradients ``grad.input.<name>``.
-* ``attn_vit``, ``attn_d2l_vit``, ``attn_torch_transformer``: whole models at a small width
-  (torchvision's ``VisionTransformer``, d2l's ``ViT``, ``nn.Transformer``) against the
-  shipped specs ``specs/vit.dlc`` and ``specs/transformer.dlc``, whose parameters are set
+* ``attn_vit``, ``attn_d2l_vit``, ``attn_torch_transformer``, ``attn_d2l_transformer``: whole
+  models at a small width (torchvision's ``VisionTransformer``, d2l's ``ViT``,
+  ``nn.Transformer``, d2l's Transformer) against the shipped specs ``specs/vit.dlc`` and
+  ``specs/transformer.dlc``, whose parameters are set
   to the same sizes by the ``set`` metadata (a JSON list of ``name=value``, as ``--set``).
 
 Key conventions (every file)
@@ -878,54 +879,6 @@ def d2l_fcn(num_classes=21):
     return net
 
 
-def d2l_transformer(src_vocab=184, tgt_vocab=201, hidden=32, ffn=64, heads=4, layers=2):
-    """d2l §10.7's Transformer (zh 2.0.0), re-written with only the modules that hold
-    parameters, in the book's order and names (no forward: only its state dict is used)."""
-
-    def mha():
-        m = nn.Module()
-        for k in ("W_q", "W_k", "W_v", "W_o"):
-            setattr(m, k, nn.Linear(hidden, hidden, bias=False))
-        return m
-
-    def addnorm():
-        m = nn.Module()
-        m.ln = nn.LayerNorm(hidden)
-        return m
-
-    def position_ffn():
-        m = nn.Module()
-        m.dense1 = nn.Linear(hidden, ffn)
-        m.dense2 = nn.Linear(ffn, hidden)
-        return m
-
-    def block(decoder):
-        b = nn.Module()
-        if decoder:
-            b.attention1, b.addnorm1 = mha(), addnorm()
-            b.attention2, b.addnorm2 = mha(), addnorm()
-            b.ffn, b.addnorm3 = position_ffn(), addnorm()
-        else:
-            b.attention, b.addnorm1 = mha(), addnorm()
-            b.ffn, b.addnorm2 = position_ffn(), addnorm()
-        return b
-
-    def coder(vocab, decoder):
-        c = nn.Module()
-        c.embedding = nn.Embedding(vocab, hidden)
-        c.blks = nn.Sequential()
-        for i in range(layers):
-            c.blks.add_module(f"block{i}", block(decoder))
-        if decoder:
-            c.dense = nn.Linear(hidden, vocab)
-        return c
-
-    net = nn.Module()
-    net.encoder = coder(src_vocab, False)
-    net.decoder = coder(tgt_vocab, True)
-    return net
-
-
 def make_state_dict_keys():
     """`<model>.tsv`: every state-dict key (parameters and buffers, without
     `num_batches_tracked`) with its shape, in the model's order; the first line names the
@@ -941,7 +894,9 @@ def make_state_dict_keys():
         ("d2l_fcn", "specs/fcn.dlc", "d2l's FCN: resnet18 children[:-2], final_conv, "
          "transpose_conv", d2l_fcn),
         ("transformer", "specs/transformer.dlc", "d2l's Transformer (hidden 32, FFN 64, "
-         "4 heads, 2+2 blocks, vocabularies 184/201)", d2l_transformer),
+         "4 heads, 2+2 blocks, vocabularies 184/201)",
+         lambda: D2lTransformer(184, 201, num_hiddens=32, ffn_num_hiddens=64, num_heads=4,
+                                num_blks=2)),
     ]
     KEYS.mkdir(parents=True, exist_ok=True)
     for name, spec, source, build in models:
@@ -1107,6 +1062,133 @@ class D2lViT(nn.Module):
         return self.head(X[:, 0])
 
 
+class D2lTransformer(nn.Module):
+    """d2l's Transformer encoder–decoder (§11.7: PositionWiseFFN, AddNorm, PositionalEncoding,
+    TransformerEncoderBlock, TransformerEncoder, TransformerDecoderBlock, TransformerDecoder,
+    EncoderDecoder) as the book writes it for training (the decoder's self-attention masked by
+    dec_valid_lens = 1..T), with eager layers in place of the lazy ones."""
+
+    class PositionWiseFFN(nn.Module):
+        def __init__(self, num_hiddens, ffn_num_hiddens):
+            super().__init__()
+            self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
+            self.relu = nn.ReLU()
+            self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
+
+        def forward(self, X):
+            return self.dense2(self.relu(self.dense1(X)))
+
+    class AddNorm(nn.Module):
+        def __init__(self, norm_shape, dropout):
+            super().__init__()
+            self.dropout = nn.Dropout(dropout)
+            self.ln = nn.LayerNorm(norm_shape)
+
+        def forward(self, X, Y):
+            return self.ln(self.dropout(Y) + X)
+
+    class PositionalEncoding(nn.Module):
+        def __init__(self, num_hiddens, dropout, max_len=1000):
+            super().__init__()
+            self.dropout = nn.Dropout(dropout)
+            self.P = torch.zeros((1, max_len, num_hiddens), dtype=DTYPE)
+            X = torch.arange(max_len, dtype=DTYPE).reshape(-1, 1) / torch.pow(
+                10000, torch.arange(0, num_hiddens, 2, dtype=DTYPE) / num_hiddens)
+            self.P[:, :, 0::2] = torch.sin(X)
+            self.P[:, :, 1::2] = torch.cos(X)
+
+        def forward(self, X):
+            X = X + self.P[:, :X.shape[1], :].to(X.device)
+            return self.dropout(X)
+
+    class EncoderBlock(nn.Module):
+        def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout):
+            super().__init__()
+            T = D2lTransformer
+            self.attention = D2lMultiHeadAttention(num_hiddens, num_heads, num_hiddens,
+                                                   num_hiddens, bias=False)
+            self.addnorm1 = T.AddNorm(num_hiddens, dropout)
+            self.ffn = T.PositionWiseFFN(num_hiddens, ffn_num_hiddens)
+            self.addnorm2 = T.AddNorm(num_hiddens, dropout)
+
+        def forward(self, X, valid_lens):
+            Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))
+            return self.addnorm2(Y, self.ffn(Y))
+
+    class DecoderBlock(nn.Module):
+        def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout):
+            super().__init__()
+            T = D2lTransformer
+            self.attention1 = D2lMultiHeadAttention(num_hiddens, num_heads, num_hiddens,
+                                                    num_hiddens, bias=False)
+            self.addnorm1 = T.AddNorm(num_hiddens, dropout)
+            self.attention2 = D2lMultiHeadAttention(num_hiddens, num_heads, num_hiddens,
+                                                    num_hiddens, bias=False)
+            self.addnorm2 = T.AddNorm(num_hiddens, dropout)
+            self.ffn = T.PositionWiseFFN(num_hiddens, ffn_num_hiddens)
+            self.addnorm3 = T.AddNorm(num_hiddens, dropout)
+
+        def forward(self, X, enc_outputs, enc_valid_lens):
+            batch_size, num_steps, _ = X.shape
+            dec_valid_lens = torch.arange(1, num_steps + 1).repeat(batch_size, 1)
+            X2 = self.attention1(X, X, X, dec_valid_lens)
+            Y = self.addnorm1(X, X2)
+            Y2 = self.attention2(Y, enc_outputs, enc_outputs, enc_valid_lens)
+            Z = self.addnorm2(Y, Y2)
+            return self.addnorm3(Z, self.ffn(Z))
+
+    class Encoder(nn.Module):
+        def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks,
+                     dropout):
+            super().__init__()
+            T = D2lTransformer
+            self.num_hiddens = num_hiddens
+            self.embedding = nn.Embedding(vocab_size, num_hiddens)
+            self.pos_encoding = T.PositionalEncoding(num_hiddens, dropout)
+            self.blks = nn.Sequential()
+            for i in range(num_blks):
+                self.blks.add_module("block" + str(i), T.EncoderBlock(
+                    num_hiddens, ffn_num_hiddens, num_heads, dropout))
+
+        def forward(self, X, valid_lens):
+            X = self.pos_encoding(self.embedding(X) * math.sqrt(self.num_hiddens))
+            for blk in self.blks:
+                X = blk(X, valid_lens)
+            return X
+
+    class Decoder(nn.Module):
+        def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks,
+                     dropout):
+            super().__init__()
+            T = D2lTransformer
+            self.num_hiddens = num_hiddens
+            self.embedding = nn.Embedding(vocab_size, num_hiddens)
+            self.pos_encoding = T.PositionalEncoding(num_hiddens, dropout)
+            self.blks = nn.Sequential()
+            for i in range(num_blks):
+                self.blks.add_module("block" + str(i), T.DecoderBlock(
+                    num_hiddens, ffn_num_hiddens, num_heads, dropout))
+            self.dense = nn.Linear(num_hiddens, vocab_size)
+
+        def forward(self, X, enc_outputs, enc_valid_lens):
+            X = self.pos_encoding(self.embedding(X) * math.sqrt(self.num_hiddens))
+            for blk in self.blks:
+                X = blk(X, enc_outputs, enc_valid_lens)
+            return self.dense(X)
+
+    def __init__(self, src_vocab, tgt_vocab, num_hiddens, ffn_num_hiddens, num_heads,
+                 num_blks, dropout=0.0):
+        super().__init__()
+        T = D2lTransformer
+        self.encoder = T.Encoder(src_vocab, num_hiddens, ffn_num_hiddens, num_heads,
+                                 num_blks, dropout)
+        self.decoder = T.Decoder(tgt_vocab, num_hiddens, ffn_num_hiddens, num_heads,
+                                 num_blks, dropout)
+
+    def forward(self, src, tgt, src_valid_lens):
+        return self.decoder(tgt, self.encoder(src, src_valid_lens), src_valid_lens)
+
+
 def causal_mask(t):
     """True above the diagonal: position t may not attend to later keys."""
     return torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
@@ -1270,6 +1352,28 @@ def make_attention_models():
                        "ffn=16", "drop=0"])
 
 
+def make_d2l_transformer():
+    name = "attn_d2l_transformer"
+    torch.manual_seed(seed_of(name))
+    m = D2lTransformer(src_vocab=12, tgt_vocab=11, num_hiddens=8, ffn_num_hiddens=16,
+                       num_heads=2, num_blks=2).double()
+    randomize(m, gen(name + "/params"))
+    src = torch.tensor([[4, 5, 6, 3, 1, 1], [7, 8, 9, 10, 11, 3]], dtype=torch.int64)
+    tgt = torch.tensor([[2, 4, 5, 6, 7], [2, 8, 3, 1, 1]], dtype=torch.int64)
+    attn_fixture(name, "transformer",
+                 "d2l's Transformer (src_vocab=12, tgt_vocab=11, num_hiddens=8, "
+                 "ffn_num_hiddens=16, num_heads=2, num_blks=2, dropout 0) in training mode "
+                 "on src [2, 6] and tgt [2, 5] int64 token ids, enc_valid_lens = "
+                 "(src != 1).sum(1) = [4, 6] (id 1 is d2l's <pad>); state-dict keys as they "
+                 "are (encoder.embedding, encoder.blks.block0.attention.W_q, "
+                 "encoder.blks.block0.addnorm1.ln, ..., decoder.dense)",
+                 m, "", lambda src, tgt: m(src, tgt, (src != 1).sum(1)),
+                 {"src": src, "tgt": tgt},
+                 spec="specs/transformer.dlc",
+                 sets=["src_vocab=12", "tgt_vocab=11", "hidden=8", "heads=2",
+                       "ffn=16", "drop=0"])
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -1284,6 +1388,7 @@ def main():
     make_state_dict_keys()
     make_attention()
     make_attention_models()
+    make_d2l_transformer()
     files = sorted(OUT.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)} ({total:,} bytes); "

@@ -116,7 +116,7 @@ impl Attention {
             causal: cfg.causal,
             padding: cfg
                 .masked
-                .then_some(if token_mask { cfg.pad as f64 } else { 0.0 }),
+                .then_some(if token_mask { cfg.pad.unwrap_or(0) as f64 } else { 0.0 }),
             dropout: cfg.dropout,
         })
     }

@@ -23,8 +23,8 @@ pub struct Attention {
     pub causal: bool,
     /// Whether a key padding mask (`mask`) is given.
     pub masked: bool,
-    /// The token id that marks padding when the mask is a token tensor.
-    pub pad: i64,
+    /// The token id that marks padding in a mask of token ids (`pad`; 0 when not given).
+    pub pad: Option<i64>,
     /// Whether the projections have biases.
     pub bias: bool,
     /// Dropout on the attention weights while training.
@@ -42,19 +42,25 @@ pub const DEFS: &[OpDef] = &[OpDef {
         param("kv", Tensor, D::Absent),
         param("causal", Bool, D::Bool(false)),
         param("mask", Tensor, D::Absent),
-        param("pad", Int, D::Int(0)),
+        param("pad", Int, D::Absent),
         param("bias", Bool, D::Bool(true)),
         param("dropout", Prob, D::Float(0.0)),
         param("packed", Bool, D::Bool(true)),
     ],
     arity: Arity::One,
     build: |a: &Args| {
+        if a.has("pad") && !a.has("mask") {
+            return Err((
+                "pad",
+                "`pad` is the padding id of a key padding mask of token ids: give the mask too, `mask: src, pad: 1`".to_string(),
+            ));
+        }
         Ok(Op::Attention(Attention {
             heads: a.size("heads"),
             cross: a.has("kv"),
             causal: a.bool("causal"),
             masked: a.has("mask"),
-            pad: a.int("pad"),
+            pad: a.has("pad").then(|| a.int("pad")),
             bias: a.bool("bias"),
             dropout: a.float("dropout"),
             packed: a.bool("packed"),
@@ -149,6 +155,15 @@ impl Attention {
                         "the key padding mask {mask} does not match the keys {keys}: it must be {expected}"
                     ),
                     "pass one entry per key: the key sequence's token ids (`mask: src`, padding where id = `pad`) or a [N, S] tensor of 1 (attend) and 0 (padding)",
+                ));
+            }
+            if self.pad.is_some() && !mask.is_tokens() {
+                return Err(ShapeError::new(
+                    "dlc::bad_arg",
+                    format!(
+                        "`pad` is a token id, but the key padding mask {mask} holds numbers (1: attend, 0: padding)"
+                    ),
+                    "drop `pad`, or pass the keys' token ids as the mask",
                 ));
             }
         }
