@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod conv;
+mod conv_kernel;
 pub mod linear;
 pub mod norm;
 pub mod params;

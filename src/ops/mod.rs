@@ -169,7 +169,10 @@ impl Op {
         {
             return Err(ShapeError::new(
                 "dlc::wrong_dtype",
-                format!("`{}` needs real numbers, but it receives token ids {ids}", self.kind()),
+                format!(
+                    "`{}` needs real numbers, but it receives token ids {ids}",
+                    self.kind()
+                ),
                 "turn token ids into vectors first: `embedding(vocab, dim)` or `one_hot(vocab)`",
             ));
         }
