@@ -11,7 +11,8 @@ use candle_core::{
     WithDType, bail,
 };
 
-use super::conv_kernel::{self, Algorithm, Float, Geometry};
+use super::conv_kernel::{self, Algorithm, Geometry};
+use super::kernel::Float;
 use super::params::State;
 use crate::ops::conv::Conv2d;
 

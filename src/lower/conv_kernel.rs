@@ -19,13 +19,13 @@
 //! else they run in turn and each GEMM uses the pool. Sums over the batch (weight and bias
 //! gradients) are taken in a fixed order, so results do not depend on thread scheduling.
 
-use std::cell::RefCell;
 use std::ops::Range;
 
-use candle_core::{Result, WithDType, bail};
+use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::kernel::{Float, sum};
 use crate::ops::conv::{Conv2d, window_out};
 
 /// GEMM width (output positions) a chunk of samples aims for: narrower GEMMs run far below
@@ -35,37 +35,6 @@ const GEMM_COLUMNS: usize = 512;
 /// Most elements an unrolled chunk (im2col matrix) may hold; a chunk never has less than one
 /// sample.
 const MAX_SCRATCH: usize = 1 << 22;
-
-/// Element types of the kernels (f32 and f64), each with a scratch buffer per thread.
-pub(crate) trait Float: WithDType {
-    /// Runs `f` on `len` elements of scratch space with unspecified contents. The calling
-    /// thread's buffer is reused from call to call (it keeps its largest size); a nested call
-    /// on the same thread gets a fresh allocation.
-    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
-}
-
-macro_rules! float {
-    ($t:ty) => {
-        impl Float for $t {
-            fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
-                thread_local! {
-                    static SCRATCH: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
-                }
-                SCRATCH.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut buf) => {
-                        if buf.len() < len {
-                            buf.resize(len, 0.0);
-                        }
-                        f(&mut buf[..len])
-                    }
-                    Err(_) => f(&mut vec![0.0; len]),
-                })
-            }
-        }
-    };
-}
-float!(f32);
-float!(f64);
 
 /// The sizes of one convolution call: input `[n, c, h, w]`, weight `[o, c/groups, kh, kw]`,
 /// output `[n, o, oh, ow]`. Stride, padding and dilation are `(along H, along W)`; padding is
@@ -236,7 +205,7 @@ pub(crate) enum Algorithm {
 impl Algorithm {
     /// The faster algorithm for `g`.
     pub fn choose(g: &Geometry) -> Algorithm {
-        if g.cg() == 1 {
+        if g.cg() == 1 && g.groups > 1 {
             Algorithm::Direct
         } else {
             Algorithm::Gemm
@@ -319,6 +288,7 @@ impl Plan {
         let threads = rayon::current_num_threads().max(1);
         let n = g.n.max(1);
         let per_sample = g.ohw().max(1);
+
         let mut chunk = GEMM_COLUMNS
             .div_ceil(per_sample)
             .min(MAX_SCRATCH / (g.ck() * per_sample).max(1))
@@ -838,20 +808,6 @@ fn add<T: Float>(dst: &mut [T], src: &[T]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d += s;
     }
-}
-
-/// The sum of `x` in eight interleaved partial sums (so that it vectorises), then in order.
-fn sum<T: Float>(x: &[T]) -> T {
-    const LANES: usize = 8;
-    let mut lanes = [T::zero(); LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += v;
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
-    lanes.iter().fold(tail, |a, &v| a + v)
 }
 
 #[cfg(test)]

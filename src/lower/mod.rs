@@ -8,8 +8,10 @@
 pub mod activation;
 pub mod conv;
 mod conv_kernel;
+mod kernel;
 pub mod linear;
 pub mod norm;
+mod norm_kernel;
 pub mod params;
 pub mod pool;
 
