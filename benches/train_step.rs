@@ -1,39 +1,65 @@
-//! Training-step speed: dlc's lowered network against the same network written by hand with
-//! candle-nn layers, and against PyTorch on the CPU, all measured in one run on this machine.
+//! Training and inference speed (issue 5's benchmark table): dlc's lowered network against
+//! the same network written by hand with candle-nn layers, and against PyTorch on the CPU, all
+//! measured in one run on this machine, with each column's peak memory.
 //!
-//! A step is: forward in training mode, cross-entropy, backward, plain SGD update (lr 0.1),
-//! on one fixed random batch. Each column warms up (2 steps by default), then times every step;
-//! the table shows the median and the minimum in milliseconds per step. The timed steps are
-//! split into rounds (5 by default) that take turns between the columns (dlc, candle-nn,
-//! PyTorch, dlc, ...), so that a change in the machine's load does not fall on one column only;
-//! PyTorch runs as a child process kept alive between its turns.
+//! Rows (the names select them):
+//! - `lenet`: d2l's LeNet train step, batch 256, 1×28×28 (`specs/lenet.dlc` `lenet`)
+//! - `resnet`: d2l's ResNet-18 train step, batch 32, 1×96×96 (`specs/resnet.dlc` `d2l_resnet18`)
+//! - `mobilenet`: torchvision's MobileNetV2 train step, batch 32, 3×96×96, 10 classes
+//!   (`specs/mobilenet.dlc` `mobilenet_v2` with `--set size=96 --set classes=10`)
+//! - `lstm`, `gru`: d2l's character model train step, one-hot 28 → 256 hidden, 35 time steps,
+//!   batch 32, linear to 28, cross-entropy over every step (`specs/rnn.dlc` `lstm`, `gru`)
+//! - `infer1`, `infer32`: torchvision's ResNet-18 inference, batch 1 and 32, 3×224×224
+//!   (`specs/resnet.dlc` `resnet18`): forward in evaluation mode, no gradients
+//! - groups: `rnn` (lstm, gru), `infer` (infer1, infer32), `train` (the first five), `all`
+//!
+//! A training step is: forward in training mode, cross-entropy, backward, plain SGD update
+//! (lr 0.1), on one fixed random batch; an inference step is one forward pass. Each column
+//! warms up (2 steps by default), then times every step; the table shows the median and the
+//! minimum in milliseconds per step. The timed steps are split into rounds (5 by default) that
+//! take turns between the columns (dlc, candle-nn, PyTorch, dlc, ...), so that a change in the
+//! machine's load does not fall on one column only; PyTorch runs as a child process kept alive
+//! between its turns.
+//!
+//! Peak memory: before each timed turn of a column the process's resident high-water mark is
+//! reset (`train_step/memory.rs`; PyTorch's child does the same for itself); the column's peak
+//! is the highest mark over its turns, in MiB. The dlc and candle-nn columns share this
+//! process, so each one's figure includes both columns' models; the table also prints each
+//! process's resident size before the first step.
 //!
 //! Columns:
 //! - `dlc`: `dlc::lower::Network` built from the spec, updated by `dlc::train::optim::Stepper`
-//!   (SGD, no momentum or weight decay).
+//!   (SGD, no momentum or weight decay); inference is `Network::forward` with `train` false.
+//!   Where the spec or model does not exist (yet), the column says "not built" and why.
 //! - `candle-nn`: the same layers written with `candle_nn::conv2d` / `linear` / `batch_norm`
-//!   and candle's own `avg_pool2d` / `max_pool2d`, updated by `candle_nn::SGD`. This is the
+//!   / `rnn::lstm` / `rnn::gru` and candle's own `avg_pool2d` / `max_pool2d`, updated by
+//!   `candle_nn::SGD` (`train_step/mobilenet.rs`, `char_rnn.rs`, `resnet18.rs`). This is the
 //!   baseline a candle user would write, even though candle's pooling backward is wrong in
 //!   general (see `src/lower/pool.rs`). Candle has no pooling backward when the kernel differs
-//!   from the stride, so ResNet's stem `maxpool(3, stride: 2, pad: 1)` is written as
+//!   from the stride, so d2l ResNet's stem `maxpool(3, stride: 2, pad: 1)` is written as
 //!   `max_pool2d(2)`, which gives the same 24×24 output; that pooling is the one place where
-//!   the two columns do not compute the same function, and it holds no parameters.
+//!   the two columns do not compute the same function, and it holds no parameters. The
+//!   inference net's weights are plain tensors (as loaded from a checkpoint), so candle records
+//!   no graph.
 //! - `PyTorch`: `benches/train_step_torch.py` run by `$DLC_TORCH_PYTHON` (default
-//!   `/work/venv/bin/python`) with `torch.set_num_threads(<cores>)`; left out, with one line
-//!   saying why, when that python or its torch is missing.
+//!   `/work/venv/bin/python`) with `torch.set_num_threads(<cores>)`; inference under
+//!   `torch.no_grad()`. Left out, with one line saying why, when that python, its torch or
+//!   torchvision is missing.
 //!
 //! Before timing, the bench asserts that every column trains the same number of parameters.
 //!
 //! Usage (options after `--`, or the environment variables in brackets):
 //!
 //! ```text
-//! cargo bench --bench train_step                                   # both nets, all columns
-//! cargo bench --bench train_step -- lenet --steps 30               # one net, 30 timed steps
+//! cargo bench --bench train_step                                   # every row, all columns
+//! cargo bench --bench train_step -- --markdown                     # + the README table
+//! cargo bench --bench train_step -- lenet --steps 30               # one row, 30 timed steps
 //! cargo bench --bench train_step -- lenet --breakdown              # + forward/backward/update
 //! ```
 //!
-//! - `lenet`, `resnet` (or `d2l_resnet18`), `all`: the nets [DLC_BENCH_NETS=lenet,resnet]
-//! - `--steps N`: timed steps per column [DLC_BENCH_STEPS]; default 20 (LeNet), 5 (ResNet)
+//! - row names as above [DLC_BENCH_NETS=lenet,resnet]; default `all`
+//! - `--steps N`: timed steps per column [DLC_BENCH_STEPS]; default 20 (LeNet, LSTM, GRU,
+//!   inference batch 1), 5 (the others)
 //! - `--rounds N`: turns the timed steps are split into [DLC_BENCH_ROUNDS]; default 5
 //! - `--warmup N`: untimed steps first [DLC_BENCH_WARMUP]; default 2
 //! - `--only dlc,candle,torch`: the columns to run [DLC_BENCH_ONLY]; default all three
@@ -42,7 +68,9 @@
 //!   [DLC_BENCH_BREAKDOWN=1]. For a profile of one column:
 //!   `perf record -g target/release/deps/train_step-<hash> lenet --only dlc --steps 30`
 //! - `--layers`: also dlc's layers one by one, forward and backward, each alone on the
-//!   activations of the real forward pass, summed by op [DLC_BENCH_LAYERS=1]
+//!   activations of the real forward pass, summed by op [DLC_BENCH_LAYERS=1] (training rows)
+//! - `--markdown`: also the table for the README's "Speed" section, with a header line naming
+//!   the machine, the date, the versions and this command [DLC_BENCH_MARKDOWN=1]
 //! - `--threads N`: PyTorch's thread count [DLC_BENCH_THREADS]; default the number of cores
 //!   (candle's pool follows `RAYON_NUM_THREADS`, else the number of cores)
 
@@ -62,63 +90,169 @@ use dlc::train::optim::{Optimizer, Stepper};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "train_step/char_rnn.rs"]
+mod char_rnn;
+#[path = "train_step/markdown.rs"]
+mod markdown;
+#[path = "train_step/memory.rs"]
+mod memory;
+#[path = "train_step/mobilenet.rs"]
+mod mobilenet;
+#[path = "train_step/resnet18.rs"]
+mod resnet18;
+
+use char_rnn::CandleCharRnn;
+use mobilenet::CandleMobilenetV2;
+use resnet18::CandleResnet18;
+
 const LR: f64 = 0.1;
 const SEED: u64 = 0;
 
-/// One benchmarked network.
+/// One benchmarked row: a network and what is timed (a training step, or inference).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Net {
     Lenet,
     Resnet,
+    Mobilenet,
+    Lstm,
+    Gru,
+    /// torchvision's ResNet-18, inference on one 224×224 image.
+    Infer1,
+    /// torchvision's ResNet-18, inference on 32 images of 224×224.
+    Infer32,
 }
 
+/// What a row feeds the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Input {
+    /// Images `[N, channels, height, width]`, uniform in [0, 1), one label each.
+    Image(usize, usize, usize),
+    /// Token ids `[N, time steps]` over `vocab`, and the next token at every step.
+    Tokens { steps: usize, vocab: usize },
+}
+
+/// d2l's character models: vocabulary of The Time Machine, hidden units, time steps.
+const VOCAB: usize = 28;
+const HIDDEN: usize = 256;
+const TIME_STEPS: usize = 35;
+
+/// Every row, in table order.
+const ALL: [Net; 7] = [
+    Net::Lenet,
+    Net::Resnet,
+    Net::Mobilenet,
+    Net::Lstm,
+    Net::Gru,
+    Net::Infer1,
+    Net::Infer32,
+];
+
 impl Net {
+    /// The name `benches/train_step_torch.py --net` knows it by.
     fn key(self) -> &'static str {
         match self {
             Net::Lenet => "lenet",
             Net::Resnet => "resnet",
+            Net::Mobilenet => "mobilenet",
+            Net::Lstm => "lstm",
+            Net::Gru => "gru",
+            Net::Infer1 => "infer1",
+            Net::Infer32 => "infer32",
         }
     }
     fn title(self) -> &'static str {
         match self {
             Net::Lenet => "LeNet (lenet)",
             Net::Resnet => "ResNet-18 (d2l_resnet18)",
+            Net::Mobilenet => "MobileNetV2 (mobilenet_v2, 3×96×96)",
+            Net::Lstm => "LSTM (lstm, 28→256, 35 steps)",
+            Net::Gru => "GRU (gru, 28→256, 35 steps)",
+            Net::Infer1 | Net::Infer32 => "ResNet-18 inference (resnet18, 3×224×224)",
         }
     }
-    fn spec(self) -> (&'static str, &'static str) {
+    /// The row's name in the README table.
+    fn label(self) -> &'static str {
         match self {
-            Net::Lenet => ("specs/lenet.dlc", "lenet"),
-            Net::Resnet => ("specs/resnet.dlc", "d2l_resnet18"),
+            Net::Lenet => "LeNet train step (`lenet`), batch 256, 1×28×28",
+            Net::Resnet => "ResNet-18 train step (`d2l_resnet18`), batch 32, 1×96×96",
+            Net::Mobilenet => "MobileNetV2 train step (`mobilenet_v2`), batch 32, 3×96×96",
+            Net::Lstm => "LSTM train step (`lstm`), batch 32, 35 steps, 28→256",
+            Net::Gru => "GRU train step (`gru`), batch 32, 35 steps, 28→256",
+            Net::Infer1 => "ResNet-18 inference (`resnet18`), batch 1, 3×224×224",
+            Net::Infer32 => "ResNet-18 inference (`resnet18`), batch 32, 3×224×224",
+        }
+    }
+    /// Spec file, model, and `--set` parameters of the dlc column.
+    fn spec(self) -> (&'static str, &'static str, &'static [&'static str]) {
+        match self {
+            Net::Lenet => ("specs/lenet.dlc", "lenet", &[]),
+            Net::Resnet => ("specs/resnet.dlc", "d2l_resnet18", &[]),
+            Net::Mobilenet => (
+                "specs/mobilenet.dlc",
+                "mobilenet_v2",
+                &["size=96", "classes=10"],
+            ),
+            Net::Lstm => ("specs/rnn.dlc", "lstm", &[]),
+            Net::Gru => ("specs/rnn.dlc", "gru", &[]),
+            Net::Infer1 | Net::Infer32 => ("specs/resnet.dlc", "resnet18", &[]),
         }
     }
     fn batch(self) -> usize {
         match self {
             Net::Lenet => 256,
-            Net::Resnet => 32,
+            Net::Infer1 => 1,
+            Net::Resnet | Net::Mobilenet | Net::Lstm | Net::Gru | Net::Infer32 => 32,
         }
     }
-    fn image(self) -> (usize, usize, usize) {
+    fn input(self) -> Input {
         match self {
-            Net::Lenet => (1, 28, 28),
-            Net::Resnet => (1, 96, 96),
+            Net::Lenet => Input::Image(1, 28, 28),
+            Net::Resnet => Input::Image(1, 96, 96),
+            Net::Mobilenet => Input::Image(3, 96, 96),
+            Net::Lstm | Net::Gru => Input::Tokens {
+                steps: TIME_STEPS,
+                vocab: VOCAB,
+            },
+            Net::Infer1 | Net::Infer32 => Input::Image(3, 224, 224),
         }
+    }
+    /// Outputs per prediction.
+    fn classes(self) -> usize {
+        match self {
+            Net::Lenet | Net::Resnet | Net::Mobilenet => CLASSES,
+            Net::Lstm | Net::Gru => VOCAB,
+            Net::Infer1 | Net::Infer32 => 1000,
+        }
+    }
+    /// Whether a step trains (else it is a forward pass in evaluation mode, no gradients).
+    fn trains(self) -> bool {
+        !matches!(self, Net::Infer1 | Net::Infer32)
     }
     fn default_steps(self) -> usize {
         match self {
-            Net::Lenet => 20,
-            Net::Resnet => 5,
+            Net::Lenet | Net::Lstm | Net::Gru | Net::Infer1 => 20,
+            Net::Resnet | Net::Mobilenet | Net::Infer32 => 5,
         }
     }
     fn parse(s: &str) -> Option<Vec<Net>> {
         match s {
             "lenet" => Some(vec![Net::Lenet]),
             "resnet" | "resnet18" | "d2l_resnet18" => Some(vec![Net::Resnet]),
-            "all" => Some(vec![Net::Lenet, Net::Resnet]),
+            "mobilenet" | "mobilenet_v2" => Some(vec![Net::Mobilenet]),
+            "lstm" => Some(vec![Net::Lstm]),
+            "gru" => Some(vec![Net::Gru]),
+            "rnn" => Some(vec![Net::Lstm, Net::Gru]),
+            "infer1" => Some(vec![Net::Infer1]),
+            "infer32" => Some(vec![Net::Infer32]),
+            "infer" | "inference" => Some(vec![Net::Infer1, Net::Infer32]),
+            "train" => Some(ALL.into_iter().filter(|n| n.trains()).collect()),
+            "all" => Some(ALL.to_vec()),
             _ => None,
         }
     }
 }
 
+/// Classes of the image-classification training rows.
 const CLASSES: usize = 10;
 
 /// Command-line and environment options.
@@ -129,6 +263,7 @@ struct Opts {
     warmup: usize,
     breakdown: bool,
     layers: bool,
+    markdown: bool,
     dlc: bool,
     candle: bool,
     torch: bool,
@@ -138,8 +273,10 @@ struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench train_step -- [lenet|resnet|all]... [--steps N] [--rounds N] \
-         [--warmup N] [--only dlc,candle,torch] [--no-torch] [--breakdown] [--layers] [--threads N]"
+        "usage: cargo bench --bench train_step -- \
+         [lenet|resnet|mobilenet|lstm|gru|infer1|infer32|rnn|infer|train|all]... [--steps N] \
+         [--rounds N] [--warmup N] [--only dlc,candle,torch] [--no-torch] [--breakdown] [--layers] \
+         [--markdown] [--threads N]"
     );
     std::process::exit(2)
 }
@@ -181,6 +318,7 @@ fn parse_opts() -> Opts {
             .unwrap_or(2),
         breakdown: env("DLC_BENCH_BREAKDOWN").is_some_and(|v| v != "0"),
         layers: env("DLC_BENCH_LAYERS").is_some_and(|v| v != "0"),
+        markdown: env("DLC_BENCH_MARKDOWN").is_some_and(|v| v != "0"),
         dlc: true,
         candle: true,
         torch: true,
@@ -223,13 +361,17 @@ fn parse_opts() -> Opts {
             "--no-torch" => o.torch = false,
             "--breakdown" => o.breakdown = true,
             "--layers" => o.layers = true,
+            "--markdown" => o.markdown = true,
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => {
                 eprintln!("unknown option `{s}`");
                 usage()
             }
             s => cli_nets.extend(Net::parse(s).unwrap_or_else(|| {
-                eprintln!("unknown net `{s}` (expected lenet, resnet, all)");
+                eprintln!(
+                    "unknown net `{s}` (expected lenet, resnet, mobilenet, lstm, gru, infer1, \
+                     infer32, rnn, infer, train, all)"
+                );
                 usage()
             })),
         }
@@ -238,9 +380,10 @@ fn parse_opts() -> Opts {
         nets = cli_nets;
     }
     if nets.is_empty() {
-        nets = vec![Net::Lenet, Net::Resnet];
+        nets = ALL.to_vec();
     }
-    nets.dedup();
+    // Table order, each row once.
+    nets = ALL.into_iter().filter(|n| nets.contains(n)).collect();
     o.nets = nets;
     o
 }
@@ -254,6 +397,17 @@ struct Timings {
     update: Vec<f64>,
     first_loss: Option<f64>,
     last_loss: Option<f64>,
+    /// The highest resident high-water mark over the timed turns, MiB (see `memory`).
+    peak_mib: Option<f64>,
+}
+
+impl Timings {
+    /// Keeps the higher of the peak so far and `peak` (one turn's).
+    fn record_peak(&mut self, peak: Option<f64>) {
+        if let Some(p) = peak {
+            self.peak_mib = Some(self.peak_mib.map_or(p, |q| q.max(p)));
+        }
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -277,6 +431,68 @@ fn min(v: &[f64]) -> f64 {
 trait Trainer {
     fn loss(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor>;
     fn update(&mut self, grads: &GradStore) -> Result<()>;
+}
+
+/// Something that predicts: a forward pass in evaluation mode.
+trait Inferer {
+    fn infer(&mut self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// One Rust column of a row: what it runs.
+enum Column<'a> {
+    Train(&'a mut dyn Trainer),
+    Infer(&'a mut dyn Inferer),
+}
+
+/// Mean cross-entropy over every prediction: logits `[…, classes]` against labels `[…]` (one
+/// per image, or one per time step of every sequence).
+fn loss_over_all(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let classes = logits.dim(D::Minus1)?;
+    candle_nn::loss::cross_entropy(&logits.reshape(((), classes))?, &labels.flatten_all()?)
+}
+
+/// Runs `n` steps of a column (see [`run_steps`], [`run_inference`]); when `timed`, also
+/// records the process's peak resident memory during them.
+fn run_column(
+    c: &mut Column,
+    x: &Tensor,
+    y: &Tensor,
+    n: usize,
+    out: &mut Timings,
+    timed: bool,
+) -> Result<()> {
+    let measured = timed && memory::reset_peak();
+    match c {
+        Column::Train(t) => run_steps(*t, x, y, n, out, timed)?,
+        Column::Infer(t) => run_inference(*t, x, n, out, timed)?,
+    }
+    if measured {
+        out.record_peak(memory::peak_mib());
+    }
+    Ok(())
+}
+
+/// Runs `n` forward passes; when `timed`, appends each one's time (as step and forward).
+fn run_inference(
+    t: &mut dyn Inferer,
+    x: &Tensor,
+    n: usize,
+    out: &mut Timings,
+    timed: bool,
+) -> Result<()> {
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let y = t.infer(x)?;
+        drop(y);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if timed {
+            out.step.push(ms);
+            out.forward.push(ms);
+            out.backward.push(0.0);
+            out.update.push(0.0);
+        }
+    }
+    Ok(())
 }
 
 /// Runs `n` steps, keeping the first and last loss in `out`; when `timed`, also appends each
@@ -324,18 +540,22 @@ struct DlcTrainer {
 }
 
 impl DlcTrainer {
-    fn new(net_kind: Net) -> Result<Self> {
-        let (file, model) = net_kind.spec();
+    /// Compiles and lowers the row's spec; `Err` says in one line why the column is not built
+    /// (a spec or model not there yet, or one that does not compile or lower).
+    fn new(net_kind: Net) -> std::result::Result<Self, String> {
+        let (file, model, sets) = net_kind.spec();
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-        let compiled = compile(&path, Select::One(Some(model)), &[]).unwrap_or_else(|d| {
-            panic!(
-                "`{}` model `{model}` does not compile: {:?}",
-                path.display(),
-                d.first()
-            )
-        });
+        if !path.exists() {
+            return Err(format!("{file} not found"));
+        }
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let compiled = compile(&path, Select::One(Some(model)), &sets).map_err(|d| {
+            let first = d.first().map(|d| d.to_string()).unwrap_or_default();
+            format!("{file} model `{model}` does not compile: {first}")
+        })?;
         let model = compiled.models.into_iter().next().expect("one model");
-        let net = Network::new(&model, &Device::Cpu, DType::F32, Init::Torch, SEED)?;
+        let net = Network::new(&model, &Device::Cpu, DType::F32, Init::Torch, SEED)
+            .map_err(|e| format!("{file} model `{}` does not lower: {e}", model.name))?;
         let sgd = Optimizer::Sgd {
             lr: LR,
             momentum: 0.0,
@@ -505,10 +725,16 @@ struct LayerRow {
 impl Trainer for DlcTrainer {
     fn loss(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let logits = self.net.forward(std::slice::from_ref(x), true)?.remove(0);
-        candle_nn::loss::cross_entropy(&logits, y)
+        loss_over_all(&logits, y)
     }
     fn update(&mut self, grads: &GradStore) -> Result<()> {
         self.stepper.step(grads, LR)
+    }
+}
+
+impl Inferer for DlcTrainer {
+    fn infer(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.net.forward(std::slice::from_ref(x), false)?.remove(0))
     }
 }
 
@@ -666,6 +892,8 @@ impl CandleResnet {
 enum CandleNet {
     Lenet(CandleLenet),
     Resnet(CandleResnet),
+    Mobilenet(CandleMobilenetV2),
+    CharRnn(CandleCharRnn),
 }
 
 struct CandleTrainer {
@@ -681,6 +909,11 @@ impl CandleTrainer {
         let net = match kind {
             Net::Lenet => CandleNet::Lenet(CandleLenet::new(vb)?),
             Net::Resnet => CandleNet::Resnet(CandleResnet::new(vb)?),
+            Net::Mobilenet => CandleNet::Mobilenet(CandleMobilenetV2::new(CLASSES, vb)?),
+            Net::Lstm | Net::Gru => {
+                CandleNet::CharRnn(CandleCharRnn::new(kind == Net::Lstm, VOCAB, HIDDEN, vb)?)
+            }
+            Net::Infer1 | Net::Infer32 => candle_core::bail!("{kind:?} is not a training row"),
         };
         // The VarMap also holds batch norm's running statistics: not trainable.
         let trainable: Vec<Var> = varmap
@@ -702,11 +935,19 @@ impl Trainer for CandleTrainer {
         let logits = match &self.net {
             CandleNet::Lenet(n) => n.forward(x)?,
             CandleNet::Resnet(n) => n.forward(x, true)?,
+            CandleNet::Mobilenet(n) => n.forward(x, true)?,
+            CandleNet::CharRnn(n) => n.forward(x)?,
         };
-        candle_nn::loss::cross_entropy(&logits, y)
+        loss_over_all(&logits, y)
     }
     fn update(&mut self, grads: &GradStore) -> Result<()> {
         self.sgd.step(grads)
+    }
+}
+
+impl Inferer for CandleResnet18 {
+    fn infer(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)
     }
 }
 
@@ -721,6 +962,8 @@ struct TorchServer {
     stdout: BufReader<ChildStdout>,
     params: usize,
     version: String,
+    /// The script's resident size once its model is built, MiB.
+    resident_mib: Option<f64>,
 }
 
 /// The last non-empty line of a finished child's stderr, for a one-line reason.
@@ -765,12 +1008,14 @@ impl TorchServer {
             stdout,
             params: 0,
             version: String::new(),
+            resident_mib: None,
         };
         let v = server.read()?;
         if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
             return Err(e.to_string());
         }
         server.params = v["params"].as_u64().unwrap_or(0) as usize;
+        server.resident_mib = v["resident_mib"].as_f64();
         server.version = format!(
             "torch {} ({} threads)",
             v["torch"].as_str().unwrap_or("?"),
@@ -827,6 +1072,7 @@ impl TorchServer {
         out.update.extend(list("update_ms"));
         out.first_loss = v["first_loss"].as_f64();
         out.last_loss = v["last_loss"].as_f64();
+        out.record_peak(v["peak_mib"].as_f64());
         Ok(())
     }
 }
@@ -841,19 +1087,32 @@ impl Drop for TorchServer {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The fixed batch: images uniform in [0, 1), labels uniform over the classes.
+/// The fixed batch: images uniform in [0, 1) with labels uniform over the classes, or token
+/// ids uniform over the vocabulary with a target id at every step.
 fn batch(net: Net) -> Result<(Tensor, Tensor)> {
     let mut rng = StdRng::seed_from_u64(42);
-    let (c, h, w) = net.image();
     let n = net.batch();
-    let xs: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
-    let ys: Vec<u32> = (0..n)
-        .map(|_| rng.random_range(0..CLASSES as u32))
-        .collect();
-    Ok((
-        Tensor::from_vec(xs, (n, c, h, w), &Device::Cpu)?,
-        Tensor::from_vec(ys, n, &Device::Cpu)?,
-    ))
+    let classes = net.classes() as u32;
+    let cpu = &Device::Cpu;
+    match net.input() {
+        Input::Image(c, h, w) => {
+            let xs: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+            let ys: Vec<u32> = (0..n).map(|_| rng.random_range(0..classes)).collect();
+            Ok((
+                Tensor::from_vec(xs, (n, c, h, w), cpu)?,
+                Tensor::from_vec(ys, n, cpu)?,
+            ))
+        }
+        Input::Tokens { steps, vocab } => {
+            let mut ids = |_| rng.random_range(0..vocab as u32);
+            let xs: Vec<u32> = (0..n * steps).map(&mut ids).collect();
+            let ys: Vec<u32> = (0..n * steps).map(&mut ids).collect();
+            Ok((
+                Tensor::from_vec(xs, (n, steps), cpu)?,
+                Tensor::from_vec(ys, (n, steps), cpu)?,
+            ))
+        }
+    }
 }
 
 fn loadavg() -> String {
@@ -878,6 +1137,39 @@ fn ratio(a: Option<&Timings>, b: Option<&Timings>) -> String {
 
 fn fmt_loss(l: Option<f64>) -> String {
     l.map(|l| format!("{l:.3}")).unwrap_or_else(|| "?".into())
+}
+
+fn fmt_mib(m: Option<f64>) -> String {
+    m.map(|m| format!("{m:.0}")).unwrap_or_else(|| "–".into())
+}
+
+/// One measured row of the table.
+struct Row {
+    net: Net,
+    /// Timed steps per column.
+    steps: usize,
+    /// Parameters every column trains (checked equal).
+    params: usize,
+    /// Timings by column key (`dlc`, `candle`, `torch`).
+    cols: HashMap<&'static str, Timings>,
+    /// Columns asked for but not built, with the reason.
+    not_built: HashMap<&'static str, String>,
+    /// Resident size of this process with the row's Rust columns built, MiB.
+    resident_mib: Option<f64>,
+    /// Resident size of the PyTorch process with its model built, MiB.
+    torch_resident_mib: Option<f64>,
+}
+
+impl Row {
+    /// A column's cell in the human table: median (min), or why it is missing.
+    fn cell(&self, key: &str) -> String {
+        match (self.cols.get(key), self.not_built.get(key)) {
+            (Some(t), _) => cell(Some(t)),
+            (None, Some(_)) if key == "dlc" => "not built".into(),
+            (None, Some(_)) => "left out".into(),
+            (None, None) => cell(None),
+        }
+    }
 }
 
 /// The columns, in table order: key, title.
@@ -906,12 +1198,13 @@ fn main() -> Result<()> {
         torch_enabled = false;
     }
     let mut torch_version: Option<String> = None;
-    let mut rows: Vec<(Net, usize, usize, HashMap<&'static str, Timings>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut layer_tables: Vec<(Net, usize, Vec<LayerRow>)> = Vec::new();
     for &net in &o.nets {
         let steps = o.steps.unwrap_or(net.default_steps()).max(1);
         let rounds = o.rounds.unwrap_or(5).clamp(1, steps);
         let (x, y) = batch(net)?;
+        let mut not_built: HashMap<&'static str, String> = HashMap::new();
 
         // Build every column and check that they train the same number of parameters.
         let mut params: Option<(&str, usize)> = None;
@@ -926,23 +1219,48 @@ fn main() -> Result<()> {
         };
         let mut dlc_trainer = None;
         let mut candle_trainer = None;
+        let mut candle_inferer = None;
         if o.dlc {
-            let t = DlcTrainer::new(net)?;
-            agree("dlc", t.net.state.param_count());
-            dlc_trainer = Some(t);
+            match DlcTrainer::new(net) {
+                Ok(t) => {
+                    agree("dlc", t.net.state.param_count());
+                    dlc_trainer = Some(t);
+                }
+                Err(why) => {
+                    eprintln!("{}: dlc column not built: {why}", net.title());
+                    not_built.insert("dlc", why);
+                }
+            }
         }
         if o.candle {
-            let t = CandleTrainer::new(net)?;
-            agree("candle-nn", t.params);
-            candle_trainer = Some(t);
+            if net.trains() {
+                let t = CandleTrainer::new(net)?;
+                agree("candle-nn", t.params);
+                candle_trainer = Some(t);
+            } else {
+                let t = CandleResnet18::new(net.classes())?;
+                agree("candle-nn", t.params);
+                candle_inferer = Some(t);
+            }
         }
-        let mut trainers: Vec<(&'static str, &mut dyn Trainer)> = Vec::new();
+        let mut columns: Vec<(&'static str, Column)> = Vec::new();
         if let Some(t) = dlc_trainer.as_mut() {
-            trainers.push(("dlc", t));
+            columns.push((
+                "dlc",
+                if net.trains() {
+                    Column::Train(t)
+                } else {
+                    Column::Infer(t)
+                },
+            ));
         }
         if let Some(t) = candle_trainer.as_mut() {
-            trainers.push(("candle", t));
+            columns.push(("candle", Column::Train(t)));
         }
+        if let Some(t) = candle_inferer.as_mut() {
+            columns.push(("candle", Column::Infer(t)));
+        }
+        let resident_mib = memory::resident_mib();
         let mut torch = None;
         if torch_enabled {
             eprintln!(
@@ -957,21 +1275,22 @@ fn main() -> Result<()> {
                     torch = Some(s);
                 }
                 Err(why) => {
-                    println!("PyTorch column left out: {why}");
-                    torch_enabled = false;
+                    eprintln!("{}: PyTorch column left out: {why}", net.title());
+                    not_built.insert("torch", why);
                 }
             }
         }
+        let torch_resident_mib = torch.as_ref().and_then(|s| s.resident_mib);
         let p = params.map(|p| p.1).unwrap_or(0);
 
         let mut cols: HashMap<&'static str, Timings> = HashMap::new();
-        for (k, t) in trainers.iter_mut() {
+        for (k, c) in columns.iter_mut() {
             eprintln!(
                 "{}: {k}, {p} params, {} warm-up steps ...",
                 net.title(),
                 o.warmup
             );
-            run_steps(*t, &x, &y, o.warmup, cols.entry(*k).or_default(), false)?;
+            run_column(c, &x, &y, o.warmup, cols.entry(*k).or_default(), false)?;
         }
         // Rounds interleave the columns, so that a change in the machine's load hits all of them.
         for r in 0..rounds {
@@ -981,21 +1300,25 @@ fn main() -> Result<()> {
                 net.title(),
                 r + 1
             );
-            for (k, t) in trainers.iter_mut() {
-                run_steps(*t, &x, &y, n, cols.entry(*k).or_default(), true)?;
+            for (k, c) in columns.iter_mut() {
+                run_column(c, &x, &y, n, cols.entry(*k).or_default(), true)?;
             }
             if let Some(s) = torch.as_mut()
                 && let Err(why) = s.steps(n, cols.entry("torch").or_default())
             {
-                println!("PyTorch column left out: {why}");
+                eprintln!("{}: PyTorch column left out: {why}", net.title());
                 torch = None;
                 cols.remove("torch");
+                not_built.insert("torch", why);
             }
         }
         drop(torch);
-        drop(trainers);
+        drop(columns);
         if o.layers {
             match dlc_trainer.as_ref() {
+                Some(_) if !net.trains() => {
+                    println!("{}: --layers profiles training rows only", net.title())
+                }
                 Some(t) => {
                     eprintln!("{}: dlc layer by layer ...", net.title());
                     let reps = if net == Net::Lenet { 5 } else { 2 };
@@ -1010,15 +1333,24 @@ fn main() -> Result<()> {
                 None => println!("--layers needs the dlc column"),
             }
         }
-        rows.push((net, steps, p, cols));
+        rows.push(Row {
+            net,
+            steps,
+            params: p,
+            cols,
+            not_built,
+            resident_mib,
+            torch_resident_mib,
+        });
     }
     let end_load = loadavg();
 
     println!();
     println!(
-        "Training step, ms per step: median (min) over the timed steps, after {} warm-up steps; \
-         columns interleaved in rounds. Fixed batch, SGD lr {LR}, f32, CPU, {cores} cores; \
-         load average {end_load} at the end.",
+        "Training step (or forward pass, for inference), ms per step: median (min) over the timed \
+         steps, after {} warm-up steps; columns interleaved in rounds. Fixed batch, SGD lr {LR}, \
+         f32, CPU, {cores} cores; load average {end_load} at the end. Peak: the process's \
+         resident high-water mark while the column ran its timed steps, MiB.",
         o.warmup
     );
     if let Some(v) = &torch_version {
@@ -1026,28 +1358,59 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "| net | batch | params | steps | dlc | candle-nn | PyTorch | dlc / candle-nn | dlc / PyTorch |"
+        "| net | batch | params | steps | dlc | candle-nn | PyTorch | dlc / candle-nn | dlc / PyTorch \
+         | peak MiB dlc / candle-nn / PyTorch |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (net, steps, p, cols) in &rows {
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        let cols = &row.cols;
+        let peaks: Vec<String> = COLUMNS
+            .iter()
+            .map(|(k, _)| fmt_mib(cols.get(k).and_then(|t| t.peak_mib)))
+            .collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            net.title(),
-            net.batch(),
-            p,
-            steps,
-            cell(cols.get("dlc")),
-            cell(cols.get("candle")),
-            cell(cols.get("torch")),
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.net.title(),
+            row.net.batch(),
+            row.params,
+            row.steps,
+            row.cell("dlc"),
+            row.cell("candle"),
+            row.cell("torch"),
             ratio(cols.get("dlc"), cols.get("candle")),
             ratio(cols.get("dlc"), cols.get("torch")),
+            peaks.join(" / "),
         );
+    }
+    println!();
+    println!(
+        "Resident before the first step, MiB: this process with the row's Rust columns built; \
+         the PyTorch process (interpreter, torch's libraries, model):"
+    );
+    for row in &rows {
+        println!(
+            "- {}, batch {}: {}, PyTorch {}",
+            row.net.title(),
+            row.net.batch(),
+            fmt_mib(row.resident_mib),
+            fmt_mib(row.torch_resident_mib)
+        );
+    }
+    for row in &rows {
+        for (k, why) in &row.not_built {
+            let what = if *k == "dlc" { "not built" } else { "left out" };
+            println!(
+                "- {}, batch {}: {k} {what}: {why}",
+                row.net.title(),
+                row.net.batch()
+            );
+        }
     }
     println!();
     println!(
         "Loss at the first and the last step (a check that every column trains; inits differ):"
     );
-    for (net, _, _, cols) in &rows {
+    for Row { net, cols, .. } in rows.iter().filter(|r| r.net.trains()) {
         let parts: Vec<String> = COLUMNS
             .iter()
             .filter_map(|(k, name)| {
@@ -1068,7 +1431,7 @@ fn main() -> Result<()> {
         println!();
         println!("| net | column | forward | backward | update | step |");
         println!("|---|---|---:|---:|---:|---:|");
-        for (net, _, _, cols) in &rows {
+        for Row { net, cols, .. } in &rows {
             for (k, name) in COLUMNS {
                 if let Some(t) = cols.get(k) {
                     println!(
@@ -1130,6 +1493,12 @@ fn main() -> Result<()> {
                 share(l.forward + l.backward)
             );
         }
+    }
+    if o.markdown {
+        println!();
+        println!("README table (`--markdown`):");
+        println!();
+        markdown::print(&rows, &o, torch_version.as_deref(), &end_load);
     }
     Ok(())
 }

@@ -89,6 +89,9 @@ impl Shape {
 
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_tokens() {
+            f.write_str("tokens")?;
+        }
         f.write_str("[")?;
         for (i, d) in self.0.iter().enumerate() {
             if i > 0 {
@@ -96,11 +99,7 @@ impl fmt::Display for Shape {
             }
             write!(f, "{d}")?;
         }
-        f.write_str("]")?;
-        if self.is_tokens() {
-            f.write_str(" tokens")?;
-        }
-        Ok(())
+        f.write_str("]")
     }
 }
 

@@ -11,6 +11,17 @@
 //! * `lenet`: `specs/lenet.dlc` model `lenet`, train mode, output and every gradient.
 //! * `basic_block`: `tests/fixtures/torch/basic_block.dlc`, eval-mode output, then on a fresh
 //!   network the train-mode output, running statistics after the step and every gradient.
+//!   Token-id inputs (`op_embedding`, `op_one_hot`) are declared `tokens[…]` and have no
+//!   input gradient.
+//! * `seq_<case>`: a recurrent layer `layer` with the fixture's initial state and cell as
+//!   extra model inputs and its sequence, state and cell as outputs; every output, and the
+//!   gradients of the input, the initial state and cell and every parameter.
+//! * `seq2seq`, `seq2seq_attention`: `specs/seq2seq.dlc` at the fixture's sizes (`--set`),
+//!   eval mode, teacher forcing; output and every parameter gradient, d2l's keys loaded by
+//!   name (`decoder.attention.*` renamed to dlc's `decoder.rnn.attention.*`).
+//! * `attn_<case>`: the model named by the file's `spec`, `model` and `set` metadata, fed one
+//!   `input.<name>` per model input (token ids as integers); output and every gradient,
+//!   `grad.input.<name>` for the inputs the output depends on.
 //!
 //! Dispatch is by file name and an unknown file fails the test, so a new fixture cannot be
 //! skipped silently. Every tensor comparison is recorded; the failure message (and the
@@ -176,9 +187,14 @@ macro_rules! try_or_fail {
     };
 }
 
-/// Compiles `path` (model `model`) and lowers it in float64.
-fn lower(path: &Path, model: Option<&str>) -> Result<Network, String> {
-    let compiled = compile(path, Select::One(model), &[]).map_err(|diags| {
+/// Compiles `path` (model `model`, with `--set` overrides `sets`) and lowers it in float64;
+/// also returns the names of the model's inputs, in order.
+fn lower_with_inputs(
+    path: &Path,
+    model: Option<&str>,
+    sets: &[String],
+) -> Result<(Network, Vec<String>), String> {
+    let compiled = compile(path, Select::One(model), sets).map_err(|diags| {
         diags
             .iter()
             .map(|d| d.render_plain(100))
@@ -186,16 +202,35 @@ fn lower(path: &Path, model: Option<&str>) -> Result<Network, String> {
             .join("\n")
     })?;
     let model = compiled.models.first().ok_or("no model compiled")?;
-    Network::new(model, &Device::Cpu, DType::F64, Init::Torch, 0).map_err(|e| e.to_string())
+    let inputs = model
+        .graph
+        .inputs
+        .iter()
+        .map(|i| model.graph.dag[*i].name.clone())
+        .collect();
+    let net =
+        Network::new(model, &Device::Cpu, DType::F64, Init::Torch, 0).map_err(|e| e.to_string())?;
+    Ok((net, inputs))
+}
+
+/// Compiles `path` (model `model`, with `--set` overrides `sets`) and lowers it in float64.
+fn lower(path: &Path, model: Option<&str>, sets: &[String]) -> Result<Network, String> {
+    lower_with_inputs(path, model, sets).map(|(net, _)| net)
 }
 
 /// Keys that are not parameters or buffers.
 fn is_data_key(key: &str) -> bool {
-    matches!(
-        key,
-        "input" | "target" | "output" | "output.eval" | "output.train" | "grad_output"
-    ) || key.starts_with("grad.")
-        || key.starts_with("after.")
+    matches!(key, "input" | "target" | "output" | "grad_output")
+        || [
+            "input.",
+            "output.",
+            "grad_output.",
+            "grad.",
+            "after.",
+            "initial.",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
 }
 
 /// Loads every parameter and buffer of the fixture into the network by name; the two sets of
@@ -249,12 +284,15 @@ fn buffers_now(net: &Network) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-/// Forward in `train` mode on the fixture's input, compare with `output_key`; then (if
-/// `backward`) gradients of `sum(output * grad_output)` for the input and every parameter;
-/// then the buffers: in train mode against `after.<name>`, in eval mode unchanged.
+/// Forward in `train` mode on the fixture's inputs (the keys `input_keys`, one per model
+/// input), compare with `output_key`; then (if `backward`) gradients of
+/// `sum(output * grad_output)` for every parameter and every float input that has a reference
+/// gradient `grad.<input key>`; then the buffers: in train mode against `after.<name>`, in eval
+/// mode unchanged.
 fn forward_backward(
     net: &mut Network,
     fx: &Fixture,
+    input_keys: &[String],
     output_key: &str,
     train: bool,
     backward: bool,
@@ -262,11 +300,23 @@ fn forward_backward(
 ) {
     let tag = if train { "train" } else { "eval" };
     let before = buffers_now(net);
-    let x = try_or_fail!(report, "input", Var::from_tensor(fx.get("input")));
+    // Float inputs become variables (to take gradients); token ids stay as they are.
+    let mut inputs = Vec::new();
+    let mut vars = Vec::new();
+    for key in input_keys {
+        let t = fx.get(key);
+        if t.dtype().is_float() {
+            let var = try_or_fail!(report, key.clone(), Var::from_tensor(t));
+            inputs.push(var.as_tensor().clone());
+            vars.push((key, var));
+        } else {
+            inputs.push(t.clone());
+        }
+    }
     let outs = try_or_fail!(
         report,
         format!("forward ({tag})"),
-        net.forward(&[x.as_tensor().clone()], train)
+        net.forward(&inputs, train)
     );
     if outs.len() != 1 {
         report.fail("outputs", format!("{} outputs, expected 1", outs.len()));
@@ -300,10 +350,26 @@ fn forward_backward(
         out.mul(fx.get("grad_output")).and_then(|t| t.sum_all())
     );
     let grads = try_or_fail!(report, "backward", loss.backward());
-    match grads.get(x.as_tensor()) {
-        Some(g) => report.compare("grad.input", g, fx.get("grad.input")),
-        None => report.fail("grad.input", "no gradient"),
+    for (key, var) in &vars {
+        let key = format!("grad.{key}");
+        let Some(want) = fx.tensors.get(&key) else {
+            continue;
+        };
+        match grads.get(var.as_tensor()) {
+            Some(g) => report.compare(key, g, want),
+            None => report.fail(key, "no gradient"),
+        }
     }
+    compare_param_grads(net, fx, &grads, report);
+}
+
+/// Every parameter's gradient against `grad.<name>`, and no reference gradient left over.
+fn compare_param_grads(
+    net: &Network,
+    fx: &Fixture,
+    grads: &candle_core::backprop::GradStore,
+    report: &mut Report,
+) {
     for (k, var) in &net.state.params {
         let key = format!("grad.{k}");
         let Some(want) = fx.tensors.get(&key) else {
@@ -315,14 +381,21 @@ fn forward_backward(
             None => report.fail(key, "no gradient"),
         }
     }
-    for key in fx
-        .tensors
-        .keys()
-        .filter(|k| k.starts_with("grad.") && *k != "grad.input")
-    {
+    for key in fx.tensors.keys().filter(|k| {
+        k.starts_with("grad.") && !k.starts_with("grad.input") && !k.starts_with("grad.initial.")
+    }) {
         if !net.state.params.contains_key(&key["grad.".len()..]) {
             report.fail(key.clone(), "reference gradient of no network parameter");
         }
+    }
+}
+
+/// A dlc argument `key: value` from a JSON config entry: strings are quoted choices
+/// (`mode: "bilinear"`), except `nonlinearity`, which names an op (`nonlinearity: relu`).
+fn dlc_arg(key: &str, v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(op) if key == "nonlinearity" => format!("{key}: {op}"),
+        v => format!("{key}: {}", dlc_value(v)),
     }
 }
 
@@ -334,6 +407,7 @@ fn dlc_value(v: &serde_json::Value) -> String {
             Some(i) => i.to_string(),
             None => format!("{:?}", n.as_f64().unwrap()),
         },
+        serde_json::Value::String(s) => format!("{s:?}"),
         serde_json::Value::Array(items) => {
             let parts: Vec<String> = items.iter().map(dlc_value).collect();
             format!("({})", parts.join(", "))
@@ -342,23 +416,29 @@ fn dlc_value(v: &serde_json::Value) -> String {
     }
 }
 
-/// The one-layer spec(s) for a per-op fixture: the op written from the config, and for
-/// `adaptive_avgpool` to 1x1 also `global_avgpool`, which must be the same.
-fn op_specs(fx: &Fixture) -> Vec<String> {
+/// The fixture's `config` metadata (a JSON object).
+fn config(fx: &Fixture) -> serde_json::Map<String, serde_json::Value> {
     let config: serde_json::Value = serde_json::from_str(
         fx.meta
             .get("config")
             .unwrap_or_else(|| panic!("{}: no config metadata", fx.name)),
     )
     .unwrap_or_else(|e| panic!("{}: config: {e}", fx.name));
-    let map = config
-        .as_object()
-        .unwrap_or_else(|| panic!("{}: config is not an object", fx.name));
+    match config {
+        serde_json::Value::Object(map) => map,
+        _ => panic!("{}: config is not an object", fx.name),
+    }
+}
+
+/// The one-layer spec(s) for a per-op fixture: the op written from the config, and for
+/// `adaptive_avgpool` to 1x1 also `global_avgpool`, which must be the same.
+fn op_specs(fx: &Fixture) -> Vec<String> {
+    let map = config(fx);
     let op = map["op"].as_str().unwrap();
     let args: Vec<String> = map
         .iter()
         .filter(|(k, _)| *k != "op")
-        .map(|(k, v)| format!("{k}: {}", dlc_value(v)))
+        .map(|(k, v)| dlc_arg(k, v))
         .collect();
     let call = if args.is_empty() {
         op.to_string()
@@ -369,19 +449,23 @@ fn op_specs(fx: &Fixture) -> Vec<String> {
     if op == "adaptive_avgpool" && map.get("size") == Some(&serde_json::json!([1, 1])) {
         calls.push("global_avgpool".to_string());
     }
-    let dims: Vec<String> = fx.get("input").dims()[1..]
-        .iter()
-        .map(usize::to_string)
-        .collect();
+    let input = fx.get("input");
+    let dims: Vec<String> = input.dims()[1..].iter().map(usize::to_string).collect();
+    let ty = if input.dtype().is_int() { "tokens" } else { "" };
     calls
         .into_iter()
         .map(|call| {
             format!(
-                "model m {{\n    input x: [{}]\n    layer: {call}\n}}\n",
+                "model m {{\n    input x: {ty}[{}]\n    layer: {call}\n}}\n",
                 dims.join(", ")
             )
         })
         .collect()
+}
+
+/// The input key of a one-input fixture.
+fn one_input() -> Vec<String> {
+    vec!["input".to_string()]
 }
 
 fn run_op(fx: &Fixture, report: &mut Report) {
@@ -392,10 +476,18 @@ fn run_op(fx: &Fixture, report: &mut Report) {
         std::fs::write(&path, &spec).unwrap();
         let first_line = spec.lines().nth(2).unwrap().trim().to_string();
         let mut sub = Report::default();
-        match lower(&path, Some("m")) {
+        match lower(&path, Some("m"), &[]) {
             Ok(mut net) => {
                 load_state(&net, fx, &mut sub);
-                forward_backward(&mut net, fx, "output", fx.mode_train(), true, &mut sub);
+                forward_backward(
+                    &mut net,
+                    fx,
+                    &one_input(),
+                    "output",
+                    fx.mode_train(),
+                    true,
+                    &mut sub,
+                );
             }
             Err(e) => sub.fail("compile/lower", format!("{spec}\n{e}")),
         }
@@ -404,6 +496,136 @@ fn run_op(fx: &Fixture, report: &mut Report) {
             report.checks.push(c);
         }
     }
+}
+
+/// The spec of a recurrent fixture: the layer `layer` on input `x`, with the initial state
+/// (`h0`) and cell (`c0`) the fixture gives, and every output of the layer as a model output.
+fn recurrent_spec(fx: &Fixture) -> String {
+    let map = config(fx);
+    let op = map["op"].as_str().unwrap();
+    let mut args = vec![dlc_value(&map["hidden"])];
+    args.extend(
+        map.iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "op" | "hidden"))
+            .map(|(k, v)| dlc_arg(k, v)),
+    );
+    let dims = |key: &str| {
+        let d: Vec<String> = fx.get(key).dims()[1..]
+            .iter()
+            .map(usize::to_string)
+            .collect();
+        d.join(", ")
+    };
+    let mut inputs = format!("    input x: [{}]\n", dims("input"));
+    for (key, var, arg) in [
+        ("initial.state", "h0", "state"),
+        ("initial.cell", "c0", "cell"),
+    ] {
+        if fx.tensors.contains_key(key) {
+            inputs += &format!("    input {var}: [{}]\n", dims(key));
+            args.push(format!("{arg}: {var}"));
+        }
+    }
+    let mut outputs = String::from("    output seq = y\n    output state = y.state\n");
+    if op == "lstm" {
+        outputs += "    output cell = y.cell\n";
+    }
+    format!(
+        "model m {{\n{inputs}    let y = x layer: {op}({})\n{outputs}}}\n",
+        args.join(", ")
+    )
+}
+
+/// `seq_*`: a recurrent layer with its initial state and cell; every output and the gradients
+/// of the input, the initial state and cell and every parameter.
+fn run_recurrent(fx: &Fixture, report: &mut Report) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("torch_reference");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = recurrent_spec(fx);
+    let path = dir.join(format!("{}.dlc", fx.name));
+    std::fs::write(&path, &spec).unwrap();
+    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("m"), &[]));
+    load_state(&net, fx, report);
+    let keys: Vec<&str> = ["input", "initial.state", "initial.cell"]
+        .into_iter()
+        .filter(|k| fx.tensors.contains_key(*k))
+        .collect();
+    let vars: Vec<Var> = try_or_fail!(
+        report,
+        "inputs",
+        keys.iter()
+            .map(|k| Var::from_tensor(fx.get(k)))
+            .collect::<candle_core::Result<Vec<_>>>()
+    );
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let outs = try_or_fail!(report, "forward", net.forward(&xs, true));
+    let names = ["output", "output.state", "output.cell"];
+    let mut loss = try_or_fail!(report, "loss", Tensor::zeros((), DType::F64, &Device::Cpu));
+    for (out, name) in outs.iter().zip(names) {
+        report.compare(name, out, fx.get(name));
+        let grad_output = fx.get(&name.replacen("output", "grad_output", 1)).clone();
+        loss = try_or_fail!(
+            report,
+            "loss",
+            out.mul(&grad_output)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| loss + t)
+        );
+    }
+    if outs.len()
+        != names
+            .iter()
+            .filter(|n| fx.tensors.contains_key(**n))
+            .count()
+    {
+        report.fail("outputs", format!("{} outputs", outs.len()));
+    }
+    let grads = try_or_fail!(report, "backward", loss.backward());
+    for (key, var) in keys.iter().zip(&vars) {
+        let want = format!("grad.{key}");
+        match grads.get(var.as_tensor()) {
+            Some(g) => report.compare(&want, g, fx.get(&want)),
+            None => report.fail(want, "no gradient"),
+        }
+    }
+    compare_param_grads(&net, fx, &grads, report);
+}
+
+/// `seq2seq*`: `specs/seq2seq.dlc` at the fixture's sizes, teacher-forced forward and every
+/// gradient, in eval mode. The fixture holds d2l's keys; its attention's `decoder.attention.*`
+/// is dlc's `decoder.rnn.attention.*`.
+fn run_seq2seq(fx: &Fixture, report: &mut Report) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/seq2seq.dlc");
+    let sets: Vec<String> = config(fx)
+        .iter()
+        .map(|(k, v)| format!("{k}={}", dlc_value(v)))
+        .collect();
+    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some(&fx.name), &sets));
+    let renamed = Fixture {
+        name: fx.name.clone(),
+        tensors: fx
+            .tensors
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.replace("decoder.attention.", "decoder.rnn.attention."),
+                    v.clone(),
+                )
+            })
+            .collect(),
+        meta: fx.meta.clone(),
+    };
+    load_state(&net, &renamed, report);
+    let xs = [fx.get("input.src").clone(), fx.get("input.tgt").clone()];
+    let outs = try_or_fail!(report, "forward", net.forward(&xs, false));
+    report.compare("output", &outs[0], fx.get("output"));
+    let loss = try_or_fail!(
+        report,
+        "loss",
+        outs[0].mul(fx.get("grad_output")).and_then(|t| t.sum_all())
+    );
+    let grads = try_or_fail!(report, "backward", loss.backward());
+    compare_param_grads(&net, &renamed, &grads, report);
 }
 
 fn run_cross_entropy(fx: &Fixture, report: &mut Report) {
@@ -425,21 +647,69 @@ fn run_cross_entropy(fx: &Fixture, report: &mut Report) {
 
 fn run_lenet(fx: &Fixture, report: &mut Report) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/lenet.dlc");
-    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("lenet")));
+    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("lenet"), &[]));
     load_state(&net, fx, report);
-    forward_backward(&mut net, fx, "output", true, true, report);
+    forward_backward(&mut net, fx, &one_input(), "output", true, true, report);
 }
 
 fn run_basic_block(fx: &Fixture, report: &mut Report) {
     let path = fixtures_dir().join("basic_block.dlc");
     // Eval mode: running statistics used and left alone.
-    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("basic_block")));
+    let mut net = try_or_fail!(
+        report,
+        "compile/lower",
+        lower(&path, Some("basic_block"), &[])
+    );
     load_state(&net, fx, report);
-    forward_backward(&mut net, fx, "output.eval", false, false, report);
+    forward_backward(
+        &mut net,
+        fx,
+        &one_input(),
+        "output.eval",
+        false,
+        false,
+        report,
+    );
     // A fresh network: one train-mode step.
-    let mut net = try_or_fail!(report, "compile/lower", lower(&path, Some("basic_block")));
+    let mut net = try_or_fail!(
+        report,
+        "compile/lower",
+        lower(&path, Some("basic_block"), &[])
+    );
     load_state(&net, fx, report);
-    forward_backward(&mut net, fx, "output.train", true, true, report);
+    forward_backward(
+        &mut net,
+        fx,
+        &one_input(),
+        "output.train",
+        true,
+        true,
+        report,
+    );
+}
+
+/// A fixture of a spec model: the spec, model and `--set` values its metadata names, one
+/// `input.<name>` per model input, train mode (dropout 0), forward and backward.
+fn run_spec_model(fx: &Fixture, report: &mut Report) {
+    let meta = |key: &str| {
+        fx.meta
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no `{key}` metadata", fx.name))
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(meta("spec"));
+    let sets: Vec<String> = fx
+        .meta
+        .get("set")
+        .map(|s| serde_json::from_str(s).unwrap_or_else(|e| panic!("{}: set: {e}", fx.name)))
+        .unwrap_or_default();
+    let (mut net, names) = try_or_fail!(
+        report,
+        "compile/lower",
+        lower_with_inputs(&path, Some(meta("model")), &sets)
+    );
+    let keys: Vec<String> = names.iter().map(|n| format!("input.{n}")).collect();
+    load_state(&net, fx, report);
+    forward_backward(&mut net, fx, &keys, "output", fx.mode_train(), true, report);
 }
 
 #[test]
@@ -466,6 +736,9 @@ fn lowering_matches_pytorch() {
             "op_cross_entropy" => run_cross_entropy(&fx, &mut report),
             "lenet" => run_lenet(&fx, &mut report),
             "basic_block" => run_basic_block(&fx, &mut report),
+            "seq2seq" | "seq2seq_attention" => run_seq2seq(&fx, &mut report),
+            n if n.starts_with("seq_") => run_recurrent(&fx, &mut report),
+            n if n.starts_with("attn_") => run_spec_model(&fx, &mut report),
             n if n.starts_with("op_") => run_op(&fx, &mut report),
             n => report.fail(
                 "dispatch",

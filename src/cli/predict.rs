@@ -1,4 +1,5 @@
-//! `dlc predict`: classify image files with a trained checkpoint.
+//! `dlc predict`: classify image files with a trained checkpoint, or continue a prompt with a
+//! trained language model.
 //!
 //! Each PNG or JPEG is decoded, converted to the model's input channels (RGB to grey with
 //! ITU-R BT.601 luma, grey to RGB by replication), then preprocessed exactly as training
@@ -31,7 +32,9 @@ grey replicated for 3-channel ones), resized bilinearly to the input's H×W, sca
 normalised as in training.\n\nFashion-MNIST images are white on black: the garment is bright on a \
 dark background. A photo of a dark object on a light background must be inverted first (dlc does \
 not invert automatically).\n\nExample:\n  dlc predict specs/lenet_bn.dlc --model lenet_bn_relu \
---weights runs/lenet/model.safetensors --top 3 shoe.png"
+--weights runs/lenet/model.safetensors --top 3 shoe.png\n\nLanguage models (token inputs) continue a \
+prompt instead, one most likely character at a time:\n  dlc predict specs/rnn.dlc --model gru \
+--weights runs/gru/model.safetensors --prompt \"time traveller\" --chars 50"
 )]
 pub struct PredictArgs {
     /// The spec file the checkpoint was trained from.
@@ -50,8 +53,18 @@ pub struct PredictArgs {
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
     /// PNG or JPEG files to classify.
-    #[arg(value_name = "IMAGE", required = true)]
+    #[arg(value_name = "IMAGE", required_unless_present = "prompt")]
     images: Vec<PathBuf>,
+    /// Language models: the text to continue.
+    #[arg(long, value_name = "TEXT", conflicts_with = "images")]
+    prompt: Option<String>,
+    /// Language models: how many characters to add to the prompt.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    chars: usize,
+    /// Language models: the text the model was trained on (its vocabulary); default the
+    /// shipped Time Machine.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
 }
 
 /// Output formats.
@@ -86,6 +99,9 @@ pub fn run(args: PredictArgs) -> ExitCode {
     };
     let model = &compiled.models[0];
     let attach = |d: Diag| compiled.program.sources.attach(d);
+    if let Some(prompt) = &args.prompt {
+        return continue_prompt(model, &args, prompt);
+    }
     let (shape, classes) = match train::classifier_shape(model) {
         Ok(s) => s,
         Err(d) => return super::report(vec![attach(d)]),
@@ -402,4 +418,32 @@ fn json(
         "images": images,
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// Continues `prompt` with a language model's most likely characters and prints the text.
+fn continue_prompt(model: &dlc::elaborate::Model, args: &PredictArgs, prompt: &str) -> ExitCode {
+    let result = (|| -> Result<String, Diag> {
+        let vocab = train::language::vocab_size(model)?;
+        let corpus = data::text::Corpus::time_machine(args.data.as_deref(), None)?;
+        if vocab != corpus.vocab.len() {
+            return Err(Diag::new(
+                "dlc::not_trainable",
+                format!(
+                    "`{}` predicts {vocab} tokens but the text has a vocabulary of {}",
+                    model.name,
+                    corpus.vocab.len()
+                ),
+            )
+            .help("pass the text the model was trained on with --data"));
+        }
+        let (mut net, _) = train::inference_network(model, &args.weights)?;
+        train::language::generate(&mut net, &corpus, &prompt.to_lowercase(), args.chars)
+    })();
+    match result {
+        Ok(text) => {
+            super::emit(&text);
+            ExitCode::SUCCESS
+        }
+        Err(d) => super::report(vec![d]),
+    }
 }

@@ -92,7 +92,31 @@ pub fn run(args: TrainArgs) -> ExitCode {
     );
     match train::train(model, &recipe, &opts) {
         Ok(history) => {
-            if let Some(last) = history.last() {
+            if let Some(last) = history
+                .last()
+                .filter(|_| dlc::train::translation::is_translator(model))
+            {
+                super::emit(&format!(
+                    "{}: loss {:.3}, probe bleu {:.3} after {} epochs; wrote {}",
+                    model.name,
+                    last.train_loss,
+                    last.test_acc,
+                    last.epoch,
+                    out.display()
+                ));
+            } else if let Some(last) = history
+                .last()
+                .filter(|_| dlc::train::language::reads_tokens(model))
+            {
+                super::emit(&format!(
+                    "{}: perplexity {:.2}, held-out {:.2} after {} epochs; wrote {}",
+                    model.name,
+                    last.train_loss.exp(),
+                    last.test_loss.exp(),
+                    last.epoch,
+                    out.display()
+                ));
+            } else if let Some(last) = history.last() {
                 super::emit(&format!(
                     "{}: test acc {:.3}, train acc {:.3}, loss {:.3} after {} epochs; wrote {}",
                     model.name,

@@ -14,6 +14,8 @@
 
 mod batch;
 pub mod idx;
+pub mod text;
+pub mod translation;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

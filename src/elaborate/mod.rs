@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::diagnostics::{Diag, Span, did_you_mean};
-use crate::ir::{DType, Dim, Graph, Outlet, ScopeId, ScopeKind, Shape};
+use crate::ir::{DType, Dim, Graph, Outlet, ScopeId, ScopeItem, ScopeKind, Shape};
 use crate::ops::{self, Op, OpDef};
 use crate::program::{ModelSource, Program};
 use crate::syntax::ast::*;
@@ -852,6 +852,23 @@ impl<'p> Elaborator<'p> {
 
     fn term(&mut self, term: &'p Term, flow: Flow) -> Step {
         let label = self.label(term);
+        self.term_at(term, label, flow)
+    }
+
+    /// A term under its label; a dotted label `a.b` first enters the group `a` of the current
+    /// scope (continuing it, or making it) and labels the term `b` there.
+    fn term_at(&mut self, term: &'p Term, label: Option<(String, Span)>, flow: Flow) -> Step {
+        if let Some((path, span)) = &label
+            && let Some((group, rest)) = path.split_once('.')
+        {
+            let Some(id) = self.group_scope(group, *span) else {
+                return Step::Flow(Some(Value::Poison));
+            };
+            let saved = std::mem::replace(&mut self.scope, id);
+            let step = self.term_at(term, Some((rest.to_string(), *span)), flow);
+            self.scope = saved;
+            return step;
+        }
         match &term.kind {
             // A labelled `if` names the layers it chooses, like a labelled group.
             TermKind::Expr(
@@ -882,6 +899,38 @@ impl<'p> Elaborator<'p> {
                 None => Step::Flow(self.construct(&term.kind, term.span, flow)),
             },
         }
+    }
+
+    /// The group `local` of the current scope, for a dotted label: the one already there
+    /// (a group or block call), or a new group.
+    fn group_scope(&mut self, local: &str, span: Span) -> Option<ScopeId> {
+        if !self.scope_state[self.scope].names.contains_key(local) {
+            let name = self.unique_name(Some((local.to_string(), span)), span);
+            let id = self.g.open_scope(self.scope, &name, ScopeKind::Group, span);
+            self.scope_state.push(ScopeState::default());
+            return Some(id);
+        }
+        let found = self.g.scopes[self.scope]
+            .items
+            .iter()
+            .find_map(|item| match item {
+                ScopeItem::Scope(id) if self.g.scopes[*id].local == local => Some(*id),
+                _ => None,
+            });
+        if found.is_none() {
+            let path = crate::ir::join(&self.g.scopes[self.scope].path, local);
+            let first = self.scope_state[self.scope].names[local];
+            self.error(
+                Diag::new(
+                    "dlc::bad_label",
+                    format!("`{path}` is a layer or tensor, not a group"),
+                )
+                .label(span, format!("puts a layer inside `{path}`"))
+                .label(first, format!("`{path}` is defined here"))
+                .help("a dotted label `a.b` adds to the group or block call labelled `a` in the same body"),
+            );
+        }
+        found
     }
 
     fn in_scope<T>(
@@ -938,8 +987,9 @@ impl<'p> Elaborator<'p> {
                     rest = &rest[open + close + 1..];
                 }
                 out.push_str(rest);
-                let valid =
-                    !out.is_empty() && out.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let valid = out.split('.').all(|part| {
+                    !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
                 if !valid {
                     self.error(
                         Diag::new(
@@ -947,7 +997,7 @@ impl<'p> Elaborator<'p> {
                             format!("`{out}` is not a valid layer name"),
                         )
                         .label(*span, "this name")
-                        .help("layer names use letters, digits and `_`"),
+                        .help("layer names use letters, digits and `_` (and `.` between the parts of a path)"),
                     );
                     return None;
                 }
@@ -1162,10 +1212,22 @@ impl<'p> Elaborator<'p> {
         flow: Flow,
     ) -> Flow {
         let local = self.unique_name(label, span);
-        let values: Vec<(Option<&'p Ident>, Value, Span)> = args
-            .iter()
-            .map(|a| (a.name.as_ref(), self.eval(&a.value, &flow), a.span))
-            .collect();
+        let mut positional = 0;
+        let mut values: Vec<(Option<&'p Ident>, Value, Span)> = Vec::new();
+        for a in args {
+            let spec = match &a.name {
+                Some(k) => def.params.iter().find(|p| p.name == k.name),
+                None => {
+                    positional += 1;
+                    def.params.get(positional - 1)
+                }
+            };
+            let value = match spec {
+                Some(spec) if self.unquoted_choice(def, spec, &a.value) => Value::Poison,
+                _ => self.eval(&a.value, &flow),
+            };
+            values.push((a.name.as_ref(), value, a.span));
+        }
         let mut extra = Vec::new();
         let mut rest = Vec::new();
         let mut poisoned = false;
@@ -1173,6 +1235,8 @@ impl<'p> Elaborator<'p> {
             poisoned |= matches!(v, Value::Poison);
             match (&v, kw, def.arity) {
                 (Value::Tensor(t), None, ops::Arity::Many) if rest.is_empty() => extra.push(*t),
+                // A tensor that already failed: reported once, not again as a stray argument.
+                (Value::Poison, None, ops::Arity::Many) if rest.is_empty() => {}
                 _ => rest.push((kw, v, s)),
             }
         }
@@ -1199,6 +1263,37 @@ impl<'p> Elaborator<'p> {
         inputs.extend(extra);
         inputs.extend(bound.tensors());
         self.wire(&local, op, span, &inputs)
+    }
+
+    /// Reports a choice written without quotes (`mode: bilinear`): an unbound name where a
+    /// choice argument expects one of its strings.
+    fn unquoted_choice(&mut self, def: &OpDef, spec: &ops::ParamSpec, e: &Expr) -> bool {
+        let (ops::ArgKind::Choice(choices), ExprKind::Var(name)) = (spec.kind, &e.kind) else {
+            return false;
+        };
+        if self.lookup(name).is_some() {
+            return false;
+        }
+        let Some(choice) = choices
+            .iter()
+            .copied()
+            .find(|c| *c == name.as_str())
+            .or_else(|| did_you_mean(name, choices.iter().copied()))
+        else {
+            return false;
+        };
+        self.error(
+            Diag::new(
+                "dlc::unknown_choice",
+                format!(
+                    "`{}` of `{}` is a string, but `{name}` is written without quotes",
+                    spec.name, def.name
+                ),
+            )
+            .label(e.span, "not a string")
+            .help(format!("write `{}: \"{choice}\"`", spec.name)),
+        );
+        true
     }
 
     /// Wires a node in the current scope, turning a shape error into a diagnostic at `span`.
@@ -1340,6 +1435,7 @@ impl<'p> Elaborator<'p> {
                     }
                     ops::ArgDefault::Float(v) => ops::ArgValue::Float(v),
                     ops::ArgDefault::Bool(v) => ops::ArgValue::Bool(v),
+                    ops::ArgDefault::Str(v) => ops::ArgValue::Choice(v),
                     ops::ArgDefault::SameAs(other) => match out.iter().find(|(n, _)| *n == other) {
                         Some((_, v)) => v.clone(),
                         None => continue,
@@ -1362,7 +1458,7 @@ impl<'p> Elaborator<'p> {
         use ops::{ArgKind::*, ArgValue};
         let int_min = match spec.kind {
             PosInt | PosPair => Some(1),
-            NonNegInt | NonNegPair => Some(0),
+            NonNegInt | NonNegPair | NonNegSides => Some(0),
             _ => None,
         };
         let checked = |n: i64| -> Result<i64, String> {
@@ -1395,6 +1491,7 @@ impl<'p> Elaborator<'p> {
             }
             (Bool, Value::Bool(b)) => Ok(ArgValue::Bool(*b)),
             (Tensor, Value::Tensor(t)) => Ok(ArgValue::Tensor(*t)),
+            (OpName, Value::Callable(Callable::Op(op))) => Ok(ArgValue::Op(op.name)),
             (PosPair | NonNegPair, Value::Int(n)) => checked(*n)
                 .map(|n| ArgValue::Pair(n as u64, n as u64))
                 .map_err(Some),
@@ -1405,6 +1502,55 @@ impl<'p> Elaborator<'p> {
                         (Err(e), _) | (_, Err(e)) => Err(Some(e)),
                     },
                     _ => Err(None),
+                }
+            }
+            (NonNegSides, Value::Int(n)) => checked(*n)
+                .map(|n| ArgValue::Sides([n as u64; 4]))
+                .map_err(Some),
+            (NonNegSides, Value::Tuple(xs) | Value::List(xs)) if matches!(xs.len(), 2 | 4) => {
+                let sizes: Option<Vec<i64>> = xs
+                    .iter()
+                    .map(|x| match x {
+                        Value::Int(n) => Some(*n),
+                        _ => None,
+                    })
+                    .collect();
+                match sizes {
+                    Some(sizes) => match sizes.iter().find_map(|n| checked(*n).err()) {
+                        Some(bad) => Err(Some(bad)),
+                        None => {
+                            let s: Vec<u64> = sizes.iter().map(|n| *n as u64).collect();
+                            Ok(ArgValue::Sides(match s.as_slice() {
+                                [h, w] => [*h, *h, *w, *w],
+                                _ => [s[0], s[1], s[2], s[3]],
+                            }))
+                        }
+                    },
+                    None => Err(None),
+                }
+            }
+            (Choice(choices), Value::Str(given)) => {
+                match choices.iter().find(|c| **c == &**given) {
+                    Some(c) => Ok(ArgValue::Choice(c)),
+                    None => {
+                        let list = ops::quoted_choices(choices);
+                        let help = match did_you_mean(given, choices.iter().copied()) {
+                            Some(c) => format!("did you mean \"{c}\"? `{}` is {list}", spec.name),
+                            None => format!("`{}` is {list}", spec.name),
+                        };
+                        self.error(
+                            Diag::new(
+                                "dlc::unknown_choice",
+                                format!(
+                                    "`{}` of `{}` must be {list}, found \"{given}\"",
+                                    spec.name, def.name
+                                ),
+                            )
+                            .label(span, format!("not a known `{}`", spec.name))
+                            .help(help),
+                        );
+                        return None;
+                    }
                 }
             }
             (IntList, Value::List(xs) | Value::Tuple(xs)) => {
@@ -2112,16 +2258,17 @@ fn signature(def: &OpDef) -> String {
             ops::ArgDefault::Int(v) => format!("{} = {v}", p.name),
             ops::ArgDefault::Float(v) => format!("{} = {v}", p.name),
             ops::ArgDefault::Bool(v) => format!("{} = {v}", p.name),
+            ops::ArgDefault::Str(v) => format!("{} = \"{v}\"", p.name),
             ops::ArgDefault::SameAs(o) => format!("{} = {o}", p.name),
             ops::ArgDefault::Absent => format!("{}?", p.name),
         })
         .collect();
-    let tensors = if def.arity == ops::Arity::Many {
-        "tensors..., "
-    } else {
-        ""
-    };
-    format!("usage: {}({tensors}{})", def.name, params.join(", "))
+    let mut all = Vec::new();
+    if def.arity == ops::Arity::Many {
+        all.push("tensors...".to_string());
+    }
+    all.extend(params);
+    format!("usage: {}({})", def.name, all.join(", "))
 }
 
 fn block_signature(def: &Def) -> String {

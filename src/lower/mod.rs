@@ -6,14 +6,20 @@
 //! hierarchical name (`layer1.0.conv1.weight`), so checkpoints and PyTorch state dicts share keys.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 mod conv_kernel;
 mod kernel;
+pub mod layout;
 pub mod linear;
 pub mod norm;
 mod norm_kernel;
 pub mod params;
 pub mod pool;
+pub mod position;
+pub mod recurrent;
+pub mod sequence;
+pub mod spatial;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -30,6 +36,7 @@ enum Layer {
     Input(usize),
     Identity,
     Conv(conv::Conv),
+    ConvTranspose(conv::ConvTranspose),
     Linear(linear::Linear),
     BatchNorm(norm::BatchNorm),
     LayerNorm(norm::LayerNorm),
@@ -43,6 +50,22 @@ enum Layer {
     Reshape(Vec<usize>),
     Add,
     Concat(usize),
+    Upsample(spatial::Resize),
+    Pad([usize; 4]),
+    Crop((usize, usize), (usize, usize)),
+    Select(usize, i64),
+    Slice(usize, i64, Option<i64>),
+    Transpose(usize, usize),
+    Permute(Vec<usize>),
+    Broadcast(usize),
+    Mul,
+    Embedding(sequence::Embedding),
+    OneHot(usize),
+    Recurrent(recurrent::Recurrent),
+    Attention(attention::Attention),
+    PosEnc(position::PosEnc),
+    PosEmbedding(position::PosEmbedding),
+    ClassToken(position::ClassToken),
 }
 
 /// A model lowered to candle: layers in topological order over a shared [`State`].
@@ -99,6 +122,9 @@ impl Network {
                 Op::Input(_) => Layer::Input(g.inputs.iter().position(|i| *i == idx).unwrap_or(0)),
                 Op::Output => Layer::Identity,
                 Op::Conv(c) => Layer::Conv(conv::Conv::new(&mut state, name, c, in_dims[1])?),
+                Op::ConvTranspose(c) => {
+                    Layer::ConvTranspose(conv::ConvTranspose::new(&mut state, name, c, in_dims[1])?)
+                }
                 Op::Linear(l) => Layer::Linear(linear::Linear::new(
                     &mut state,
                     name,
@@ -126,6 +152,66 @@ impl Network {
                 Op::Reshape(_) => Layer::Reshape(dims(g, idx, 0)[1..].to_vec()),
                 Op::Add => Layer::Add,
                 Op::Concat(c) => Layer::Concat(axis(c.axis, in_dims.len())),
+                Op::Upsample(u) => {
+                    let out = dims(g, idx, 0);
+                    Layer::Upsample(spatial::Resize::new(
+                        u,
+                        (in_dims[2], in_dims[3]),
+                        (out[2], out[3]),
+                    ))
+                }
+                Op::Pad(p) => Layer::Pad(p.sides.map(|s| s as usize)),
+                Op::Crop(c) => {
+                    let (top, left) = c.origin(in_dims[2] as u64, in_dims[3] as u64);
+                    Layer::Crop(
+                        (top as usize, left as usize),
+                        (c.size.0 as usize, c.size.1 as usize),
+                    )
+                }
+                Op::Select(s) => Layer::Select(axis(s.axis, in_dims.len()), s.index),
+                Op::Slice(s) => Layer::Slice(axis(s.axis, in_dims.len()), s.start, s.end),
+                Op::Transpose(t) => {
+                    Layer::Transpose(axis(t.a, in_dims.len()), axis(t.b, in_dims.len()))
+                }
+                Op::Permute(p) => Layer::Permute(p.dims.clone()),
+                Op::Broadcast(b) => Layer::Broadcast(axis(b.axis, in_dims.len() + 1)),
+                Op::Mul => Layer::Mul,
+                Op::Embedding(e) => {
+                    Layer::Embedding(sequence::Embedding::new(&mut state, name, e)?)
+                }
+                Op::OneHot(o) => Layer::OneHot(o.classes as usize),
+                Op::Recurrent(r) => {
+                    let memory = match ins.last() {
+                        Some(m) if r.attend => dims(g, m.node, m.slot)[2],
+                        _ => 0,
+                    };
+                    Layer::Recurrent(recurrent::Recurrent::new(
+                        &mut state, name, r, in_dims[2], memory,
+                    )?)
+                }
+                Op::Attention(a) => {
+                    let width = in_dims[2];
+                    let kv_width = if a.cross {
+                        dims(g, ins[1].node, ins[1].slot)[2]
+                    } else {
+                        width
+                    };
+                    let token_mask =
+                        a.masked && ins.last().is_some_and(|m| g.shape(*m).is_tokens());
+                    Layer::Attention(attention::Attention::new(
+                        &mut state, name, a, width, kv_width, token_mask,
+                    )?)
+                }
+                Op::PosEnc(p) => Layer::PosEnc(position::PosEnc::new(&state, p, in_dims[2])?),
+                Op::PosEmbedding(p) => {
+                    let len = p.positions(g.shape(ins[0])) as usize;
+                    Layer::PosEmbedding(position::PosEmbedding::new(
+                        &mut state, name, len, in_dims[2],
+                    )?)
+                }
+                Op::ClassToken => {
+                    Layer::ClassToken(position::ClassToken::new(&mut state, name, in_dims[2])?)
+                }
             };
             for o in &ins {
                 last_use[o.node.index()] = idx.index();
@@ -160,45 +246,74 @@ impl Network {
                 .collect::<Result<_>>()?;
             let x = args.first().copied();
             let one = || x.ok_or_else(|| candle_core::Error::Msg("layer without input".into()));
-            // Single-output layers; a layer with several outputs (recurrent: sequence and
-            // state) returns them all, by slot.
-            let y = vec![match &self.layers[i] {
-                Layer::Input(k) => xs
-                    .get(*k)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
-                Layer::Identity => one()?.clone(),
-                Layer::Conv(c) => c.forward(one()?)?,
-                Layer::Linear(l) => l.forward(one()?)?,
-                Layer::BatchNorm(b) => b.forward(one()?, train)?,
-                Layer::LayerNorm(l) => l.forward(one()?)?,
-                Layer::Lrn(cfg) => norm::lrn(one()?, cfg)?,
-                Layer::Activation(a) => activation::activate(one()?, *a)?,
-                Layer::Softmax(axis) => activation::softmax(one()?, *axis)?,
-                Layer::Dropout(p) if train && *p > 0.0 => {
-                    let x = one()?;
-                    let mask = self.state.dropout_mask(x, *p)?;
-                    x.mul(&mask)?
-                }
-                Layer::Dropout(_) => one()?.clone(),
-                Layer::Pool(cfg) => pool::pool2d(one()?, cfg)?,
-                Layer::AdaptiveAvgPool(h, w) => pool::adaptive_avg_pool2d(one()?, (*h, *w))?,
-                Layer::Flatten(start) => one()?.flatten_from(*start)?,
-                Layer::Reshape(shape) => {
-                    let x = one()?;
-                    let mut full = vec![x.dim(0)?];
-                    full.extend(shape);
-                    x.reshape(full)?
-                }
-                Layer::Add => {
-                    let mut acc = one()?.clone();
-                    for t in &args[1..] {
-                        acc = (acc + *t)?;
+            // A layer with several outputs (recurrent: sequence and state) returns them all,
+            // by slot; the others return one.
+            let y = match &self.layers[i] {
+                Layer::Recurrent(r) => r.forward(&args, train, &mut self.state)?,
+                single => vec![match single {
+                    Layer::Input(k) => xs
+                        .get(*k)
+                        .cloned()
+                        .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
+                    Layer::Identity => one()?.clone(),
+                    Layer::Conv(c) => c.forward(one()?)?,
+                    Layer::Linear(l) => l.forward(one()?)?,
+                    Layer::BatchNorm(b) => b.forward(one()?, train)?,
+                    Layer::LayerNorm(l) => l.forward(one()?)?,
+                    Layer::Lrn(cfg) => norm::lrn(one()?, cfg)?,
+                    Layer::Activation(a) => activation::activate(one()?, *a)?,
+                    Layer::Softmax(axis) => activation::softmax(one()?, *axis)?,
+                    Layer::Dropout(p) if train && *p > 0.0 => {
+                        let x = one()?;
+                        let mask = self.state.dropout_mask(x, *p)?;
+                        x.mul(&mask)?
                     }
-                    acc
-                }
-                Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
-            }];
+                    Layer::Dropout(_) => one()?.clone(),
+                    Layer::Pool(cfg) => pool::pool2d(one()?, cfg)?,
+                    Layer::AdaptiveAvgPool(h, w) => pool::adaptive_avg_pool2d(one()?, (*h, *w))?,
+                    Layer::Flatten(start) => one()?.flatten_from(*start)?,
+                    Layer::Reshape(shape) => {
+                        let x = one()?;
+                        let mut full = vec![x.dim(0)?];
+                        full.extend(shape);
+                        x.reshape(full)?
+                    }
+                    Layer::Add => {
+                        let mut acc = one()?.clone();
+                        for t in &args[1..] {
+                            acc = (acc + *t)?;
+                        }
+                        acc
+                    }
+                    Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
+                    Layer::Select(axis, at) => layout::select(one()?, *axis, *at)?,
+                    Layer::Slice(axis, start, end) => layout::slice(one()?, *axis, *start, *end)?,
+                    Layer::Transpose(a, b) => layout::transpose(one()?, *a, *b)?,
+                    Layer::Permute(dims) => layout::permute(one()?, dims)?,
+                    Layer::Broadcast(axis) => {
+                        let like = args.get(1).ok_or_else(|| {
+                            candle_core::Error::Msg("broadcast without `like`".into())
+                        })?;
+                        layout::broadcast(one()?, like, *axis)?
+                    }
+                    Layer::Mul => layout::mul(&args)?,
+                    Layer::ConvTranspose(c) => c.forward(one()?)?,
+                    Layer::Upsample(r) => r.forward(one()?)?,
+                    Layer::Pad(sides) => spatial::pad(one()?, *sides)?,
+                    Layer::Crop(origin, size) => spatial::crop(one()?, *origin, *size)?,
+                    Layer::Attention(a) => a.forward(&args, train, &mut self.state)?,
+                    Layer::PosEnc(p) => p.forward(one()?, train, &mut self.state)?,
+                    Layer::PosEmbedding(p) => p.forward(one()?)?,
+                    Layer::ClassToken(c) => c.forward(one()?)?,
+                    Layer::Embedding(e) => e.forward(one()?)?,
+                    Layer::OneHot(classes) => {
+                        sequence::one_hot(one()?, *classes, self.state.dtype)?
+                    }
+                    Layer::Recurrent(_) => {
+                        candle_core::bail!("a recurrent layer returns several outputs")
+                    }
+                }],
+            };
             for (j, _) in &self.inputs[i] {
                 if self.last_use[*j] == i && !self.outputs.contains(j) {
                     values[*j] = Vec::new();

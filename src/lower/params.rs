@@ -1,5 +1,6 @@
 //! The network's state: trainable parameters and buffers (BatchNorm running statistics),
-//! each at `<node name>.<kind>`, kept in sorted maps so that iteration, initialisation and
+//! each at `<node name>.<kind>` (or at the node's own name for a node that is a single
+//! parameter, as `class_token` and `encoder.pos_embedding`), kept in sorted maps so that iteration, initialisation and
 //! checkpoints are deterministic; and the seeded random number generator every random
 //! choice (initialisation, dropout) draws from.
 
@@ -85,10 +86,42 @@ impl State {
         self.param(name, values, shape)
     }
 
+    /// A `[out, in]` weight drawn Xavier-uniform whatever the scheme, as PyTorch's
+    /// `nn.MultiheadAttention` draws its packed `in_proj_weight`.
+    pub fn xavier(&mut self, name: &str, shape: &[usize]) -> Result<Var> {
+        let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+        let values = self.uniform(shape.iter().product(), bound);
+        self.param(name, values, shape)
+    }
+
     /// A bias of `out` values, PyTorch's default ±1/√fan_in.
     pub fn bias(&mut self, name: &str, out: usize, fan_in: usize) -> Result<Var> {
         let values = self.uniform(out, 1.0 / (fan_in.max(1) as f64).sqrt());
         self.param(name, values, &[out])
+    }
+
+    /// A trainable parameter of `shape` uniform in ±`bound` (PyTorch's recurrent layers use
+    /// ±1/√hidden for every weight and bias).
+    pub fn uniform_param(&mut self, name: &str, shape: &[usize], bound: f64) -> Result<Var> {
+        let values = self.uniform(shape.iter().product(), bound);
+        self.param(name, values, shape)
+    }
+
+    /// A trainable parameter of `shape` drawn from N(0, std²) (PyTorch's `nn.Embedding`), by
+    /// the Box–Muller transform.
+    pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        let mut values = Vec::with_capacity(n + 1);
+        while values.len() < n {
+            let u1: f64 = 1.0 - self.rng.random::<f64>();
+            let u2: f64 = self.rng.random();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let angle = std::f64::consts::TAU * u2;
+            values.push(r * angle.cos());
+            values.push(r * angle.sin());
+        }
+        values.truncate(n);
+        self.param(name, values, shape)
     }
 
     /// A trainable parameter filled with `value`.

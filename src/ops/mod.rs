@@ -4,15 +4,21 @@
 //!
 //! Conventions follow torchvision: parameters are trainable tensors only (BatchNorm's
 //! running statistics are buffers, counted apart); MACs count the multiply-accumulates of
-//! conv and linear layers for one example.
+//! conv and linear layers, and of attention's projections and its two matrix products
+//! (scores and weighted values), for one example.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
+pub mod layout;
 pub mod linear;
 pub mod merge;
 pub mod norm;
 pub mod pool;
+pub mod position;
 pub mod reshape;
+pub mod sequence;
+pub mod spatial;
 
 use std::ops::Add;
 
@@ -98,6 +104,8 @@ pub enum Op {
     Output,
     /// 2-D convolution.
     Conv(conv::Conv2d),
+    /// 2-D transposed convolution.
+    ConvTranspose(conv::ConvTranspose2d),
     /// Fully connected layer on the last axis.
     Linear(linear::Linear),
     /// Batch normalisation over axis 1.
@@ -124,6 +132,38 @@ pub enum Op {
     Add,
     /// Join along an axis.
     Concat(merge::Concat),
+    /// Token ids → learned vectors.
+    Embedding(sequence::Embedding),
+    /// Token ids → one-hot vectors.
+    OneHot(sequence::OneHot),
+    /// A stack of recurrent layers (`rnn`, `gru`, `lstm`).
+    Recurrent(sequence::Recurrent),
+    /// Nearest or bilinear resizing of `[N, C, H, W]`.
+    Upsample(spatial::Upsample),
+    /// Zero padding of the spatial axes.
+    Pad(spatial::Pad),
+    /// A window of the spatial axes.
+    Crop(spatial::Crop),
+    /// One index of an axis, the axis dropped.
+    Select(layout::Select),
+    /// A range of an axis.
+    Slice(layout::Slice),
+    /// Two axes swapped.
+    Transpose(layout::Transpose),
+    /// Axes reordered.
+    Permute(layout::Permute),
+    /// A new axis, repeated to another tensor's size.
+    Broadcast(layout::Broadcast),
+    /// Elementwise product with broadcasting.
+    Mul,
+    /// Multi-head attention.
+    Attention(attention::Attention),
+    /// Sinusoidal positional encoding added.
+    PosEnc(position::PosEnc),
+    /// Learned positional embedding added.
+    PosEmbedding(position::PosEmbedding),
+    /// A learned token prepended to the sequence.
+    ClassToken,
 }
 
 impl Op {
@@ -133,6 +173,7 @@ impl Op {
             Op::Input(_) => "input",
             Op::Output => "output",
             Op::Conv(_) => "conv",
+            Op::ConvTranspose(_) => "conv_transpose",
             Op::Linear(_) => "linear",
             Op::BatchNorm(_) => "bn",
             Op::LayerNorm(_) => "layernorm",
@@ -146,6 +187,22 @@ impl Op {
             Op::Reshape(_) => "reshape",
             Op::Add => "add",
             Op::Concat(_) => "concat",
+            Op::Embedding(_) => "embedding",
+            Op::OneHot(_) => "one_hot",
+            Op::Recurrent(r) => r.cell.name(),
+            Op::Upsample(_) => "upsample",
+            Op::Pad(_) => "pad",
+            Op::Crop(_) => "crop",
+            Op::Select(_) => "select",
+            Op::Slice(_) => "slice",
+            Op::Transpose(_) => "transpose",
+            Op::Permute(_) => "permute",
+            Op::Broadcast(_) => "broadcast",
+            Op::Mul => "mul",
+            Op::Attention(_) => "attention",
+            Op::PosEnc(_) => "posenc",
+            Op::PosEmbedding(_) => "pos_embedding",
+            Op::ClassToken => "class_token",
         }
     }
 
@@ -153,13 +210,27 @@ impl Op {
     /// the first output is the one that flows on.
     pub fn output_names(&self) -> &'static [&'static str] {
         match self {
+            Op::Recurrent(r) => r.output_names(),
             _ => &[],
         }
     }
 
     /// Whether the op takes token-id tensors (every other op needs real numbers).
     pub fn accepts_tokens(&self) -> bool {
-        matches!(self, Op::Input(_) | Op::Output)
+        matches!(
+            self,
+            Op::Input(_)
+                | Op::Output
+                | Op::Select(_)
+                | Op::Slice(_)
+                | Op::Transpose(_)
+                | Op::Permute(_)
+                | Op::Broadcast(_)
+                | Op::Embedding(_)
+                | Op::OneHot(_)
+                // `attention` takes token ids as its key padding mask only, and checks the rest.
+                | Op::Attention(_)
+        )
     }
 
     /// Output shapes for the given input shapes.
@@ -181,6 +252,7 @@ impl Op {
             Op::Input(i) => Ok(vec![i.shape.clone()]),
             Op::Output | Op::Activation(_) | Op::Dropout(_) | Op::Lrn(_) => one(first(inputs)),
             Op::Conv(c) => one(c.infer(&first(inputs)?)),
+            Op::ConvTranspose(c) => one(c.infer(&first(inputs)?)),
             Op::Linear(l) => one(l.infer(&first(inputs)?)),
             Op::BatchNorm(b) => one(b.infer(&first(inputs)?)),
             Op::LayerNorm(l) => one(l.infer(&first(inputs)?)),
@@ -191,6 +263,25 @@ impl Op {
             Op::Reshape(r) => one(r.infer(&first(inputs)?)),
             Op::Add => one(merge::infer_add(inputs)),
             Op::Concat(c) => one(c.infer(inputs)),
+            Op::Embedding(e) => one(e.infer(&first(inputs)?)),
+            Op::OneHot(o) => one(o.infer(&first(inputs)?)),
+            Op::Recurrent(r) => {
+                first(inputs)?;
+                r.infer(inputs)
+            }
+            Op::Upsample(u) => one(u.infer(&first(inputs)?)),
+            Op::Pad(p) => one(p.infer(&first(inputs)?)),
+            Op::Crop(c) => one(c.infer(&first(inputs)?)),
+            Op::Select(s) => one(s.infer(&first(inputs)?)),
+            Op::Slice(s) => one(s.infer(&first(inputs)?)),
+            Op::Transpose(t) => one(t.infer(&first(inputs)?)),
+            Op::Permute(p) => one(p.infer(&first(inputs)?)),
+            Op::Broadcast(b) => one(b.infer(inputs)),
+            Op::Mul => one(layout::infer_mul(inputs)),
+            Op::Attention(a) => one(a.infer(inputs)),
+            Op::PosEnc(p) => one(p.infer(&first(inputs)?)),
+            Op::PosEmbedding(p) => one(p.infer(&first(inputs)?)),
+            Op::ClassToken => one(position::infer_class_token(&first(inputs)?)),
         }
     }
 
@@ -201,9 +292,15 @@ impl Op {
         };
         match self {
             Op::Conv(c) => c.cost(input, output),
+            Op::ConvTranspose(c) => c.cost(input),
             Op::Linear(l) => l.cost(input, output),
             Op::BatchNorm(b) => b.cost(input),
             Op::LayerNorm(l) => l.cost(input),
+            Op::Embedding(e) => e.cost(),
+            Op::Recurrent(r) => r.cost(inputs),
+            Op::Attention(a) => a.cost(inputs),
+            Op::PosEmbedding(p) => p.cost(input),
+            Op::ClassToken => position::class_token_cost(input),
             _ => Cost::free(),
         }
     }
@@ -240,14 +337,21 @@ pub enum ArgKind {
     NonNegPair,
     /// A list of integers.
     IntList,
+    /// Sizes for the four sides `(top, bottom, left, right)`: one integer ≥ 0 for all four,
+    /// a pair `(h, w)` for top and bottom, left and right, or all four.
+    NonNegSides,
+    /// One of a fixed set of strings (`mode: "bilinear"`).
+    Choice(&'static [&'static str]),
     /// A tensor, given by keyword (`state: enc.state`); it becomes one more input of the node.
     Tensor,
+    /// An op passed as a value (`nonlinearity: relu`).
+    OpName,
 }
 
 impl ArgKind {
     /// Describes the kind in words for diagnostics.
-    pub fn describe(self) -> &'static str {
-        match self {
+    pub fn describe(self) -> String {
+        let words = match self {
             ArgKind::PosInt => "a positive integer",
             ArgKind::NonNegInt => "a non-negative integer",
             ArgKind::Int => "an integer",
@@ -257,8 +361,24 @@ impl ArgKind {
             ArgKind::PosPair => "a positive integer or a pair `(h, w)`",
             ArgKind::NonNegPair => "a non-negative integer or a pair `(h, w)`",
             ArgKind::IntList => "a list of integers",
+            ArgKind::NonNegSides => {
+                "a non-negative integer, a pair `(h, w)` or four sides `(top, bottom, left, right)`"
+            }
+            ArgKind::Choice(choices) => return quoted_choices(choices),
             ArgKind::Tensor => "a tensor",
-        }
+            ArgKind::OpName => "an op such as `relu`",
+        };
+        words.to_string()
+    }
+}
+
+/// `"nearest" or "bilinear"`: the choices of a [`ArgKind::Choice`], quoted, for messages.
+pub fn quoted_choices(choices: &[&str]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+    match quoted.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 
@@ -273,6 +393,8 @@ pub enum ArgDefault {
     Float(f64),
     /// A boolean.
     Bool(bool),
+    /// A string ([`ArgKind::Choice`]).
+    Str(&'static str),
     /// The value of another argument (`stride` defaults to `kernel`).
     SameAs(&'static str),
     /// Optional: absent unless given.
@@ -312,8 +434,14 @@ pub enum ArgValue {
     Pair(u64, u64),
     /// A list of integers.
     List(Vec<i64>),
+    /// Sizes for `(top, bottom, left, right)`.
+    Sides([u64; 4]),
+    /// One of an argument's choices.
+    Choice(&'static str),
     /// A tensor argument; the elaborator appends it to the node's inputs in argument order.
     Tensor(Outlet),
+    /// An op, by name.
+    Op(&'static str),
 }
 
 /// An op's arguments, checked and with defaults filled in, in the order of its specs.
@@ -375,6 +503,30 @@ impl Args {
         }
     }
 
+    /// An op argument's name, if given.
+    pub fn op_name(&self, name: &str) -> Option<&'static str> {
+        match self.get(name) {
+            Some(ArgValue::Op(op)) => Some(op),
+            _ => None,
+        }
+    }
+
+    /// A four-sides argument `(top, bottom, left, right)`.
+    pub fn sides(&self, name: &str) -> [u64; 4] {
+        match self.get(name) {
+            Some(ArgValue::Sides(s)) => *s,
+            _ => [0; 4],
+        }
+    }
+
+    /// A choice argument (empty when absent).
+    pub fn choice(&self, name: &str) -> &'static str {
+        match self.get(name) {
+            Some(ArgValue::Choice(c)) => c,
+            _ => "",
+        }
+    }
+
     /// A list argument.
     pub fn list(&self, name: &str) -> Vec<i64> {
         match self.get(name) {
@@ -423,6 +575,11 @@ pub const REGISTRY: &[&[OpDef]] = &[
     pool::DEFS,
     reshape::DEFS,
     merge::DEFS,
+    sequence::DEFS,
+    spatial::DEFS,
+    layout::DEFS,
+    attention::DEFS,
+    position::DEFS,
 ];
 
 /// Looks an op up by name.

@@ -27,7 +27,26 @@ pub fn render(model: &Model) -> String {
     let _ = writeln!(out, "  edge [fontname=\"Helvetica\", fontsize=9];");
     scope(g, 0, 1, &mut out);
     for e in g.dag.edge_references() {
-        let _ = writeln!(out, "  n{} -> n{};", e.source().index(), e.target().index());
+        // An edge from a named output (`enc.state`) carries the output's name.
+        let names = g.dag[e.source()].op.output_names();
+        match e
+            .weight()
+            .from_slot
+            .checked_sub(1)
+            .and_then(|i| names.get(i))
+        {
+            Some(name) => {
+                let _ = writeln!(
+                    out,
+                    "  n{} -> n{} [label=\"{name}\"];",
+                    e.source().index(),
+                    e.target().index()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  n{} -> n{};", e.source().index(), e.target().index());
+            }
+        }
     }
     out.push_str("}\n");
     out

@@ -118,10 +118,11 @@ pub struct Term {
     pub span: Span,
 }
 
-/// A layer label: a name, or a string with `{expr}` holes (`"layer{i + 1}"`).
+/// A layer label: a name, or a string with `{expr}` holes (`"layer{i + 1}"`). Either may be
+/// a dotted path (`backbone.layer4:`), which places the term inside a group of its body.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Label {
-    /// `conv1:`
+    /// `conv1:` or `backbone.layer4:`
     Name(Ident),
     /// `"denselayer{i + 1}":` — the raw text between the quotes and its span.
     Template(String, Span),

@@ -507,7 +507,7 @@ impl Builder {
             Some(l) => {
                 let inner = self.children(l).take()?;
                 Some(match inner.as_rule() {
-                    Rule::ident => Label::Name(self.ident(inner)),
+                    Rule::ident | Rule::path => Label::Name(self.ident(inner)),
                     _ => {
                         let s = self.span(&inner);
                         let raw = inner.as_str();

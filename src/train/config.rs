@@ -32,9 +32,29 @@ impl Schedule {
     }
 }
 
+/// The data set a model trains on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataSet {
+    /// Fashion-MNIST images (image classifiers).
+    #[default]
+    FashionMnist,
+    /// The Time Machine as characters (language models).
+    TimeMachine,
+    /// English–French sentence pairs (translation models).
+    FraEng,
+}
+
 /// Everything `dlc train` needs to know.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recipe {
+    /// What to train on.
+    pub data: DataSet,
+    /// Tokens per training sequence (language models).
+    pub steps: usize,
+    /// Use only the first this many tokens of the text for training (d2l: 10,000).
+    pub tokens: Option<usize>,
+    /// Translation: how many sentence pairs to train on (d2l: 600).
+    pub pairs: usize,
     /// Passes over the training set.
     pub epochs: usize,
     /// Examples per step.
@@ -56,6 +76,10 @@ pub struct Recipe {
 impl Default for Recipe {
     fn default() -> Self {
         Recipe {
+            data: DataSet::FashionMnist,
+            steps: 35,
+            tokens: None,
+            pairs: 600,
             epochs: 10,
             batch: 256,
             optimizer: Optimizer::Sgd {
@@ -97,6 +121,9 @@ const SETTINGS: &[&str] = &[
     "seed",
     "clip",
     "normalize",
+    "steps",
+    "tokens",
+    "pairs",
 ];
 
 /// Reads the model's `train { }` settings; every problem is a diagnostic at its value.
@@ -137,7 +164,10 @@ fn bad(s: &TrainSetting, expected: &str) -> Diag {
 
 fn example(name: &str) -> &'static str {
     match name {
-        "data" => "`data: fashion_mnist`",
+        "data" => "`data: fashion_mnist`, `data: time_machine` or `data: fra_eng`",
+        "pairs" => "`pairs: 600` (sentence pairs to train on)",
+        "steps" => "`steps: 35` (tokens per training sequence)",
+        "tokens" => "`tokens: 10000` (train on the first 10,000 tokens of the text)",
         "epochs" => "`epochs: 10`",
         "batch" => "`batch: 256`",
         "optimizer" => {
@@ -212,9 +242,19 @@ fn get(args: &[(&str, f64)], name: &str, default: f64) -> f64 {
 fn apply(r: &mut Recipe, s: &TrainSetting) -> Result<(), Diag> {
     match s.name.name.as_str() {
         "data" => match &s.value {
-            Setting::Name(n) if n == "fashion_mnist" => {}
-            _ => return Err(bad(s, "a known data set (`fashion_mnist`)")),
+            Setting::Name(n) if n == "fashion_mnist" => r.data = DataSet::FashionMnist,
+            Setting::Name(n) if n == "time_machine" => r.data = DataSet::TimeMachine,
+            Setting::Name(n) if n == "fra_eng" => r.data = DataSet::FraEng,
+            _ => {
+                return Err(bad(
+                    s,
+                    "a known data set (`fashion_mnist`, `time_machine`, `fra_eng`)",
+                ));
+            }
         },
+        "pairs" => r.pairs = positive_int(s)?,
+        "steps" => r.steps = positive_int(s)?,
+        "tokens" => r.tokens = Some(positive_int(s)?),
         "epochs" => r.epochs = positive_int(s)?,
         "batch" => r.batch = positive_int(s)?,
         "seed" => match s.value {

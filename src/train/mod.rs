@@ -1,11 +1,13 @@
-//! Training and evaluation of image classifiers: data, loss, optimiser, schedule, metrics,
-//! checkpoints. `dlc train`, `dlc eval` and `dlc predict` are thin layers over this module.
+//! Training and evaluation of image classifiers (and, in [`language`] and [`translation`], of
+//! character language models and translation models): data, loss, optimiser, schedule, metrics, checkpoints. `dlc train`, `dlc eval` and `dlc predict` are thin layers over this module.
 
 pub mod checkpoint;
 pub mod config;
+pub mod language;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod translation;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -163,7 +165,14 @@ pub fn evaluate(
 
 /// Trains `model` by `recipe`, writing metrics and checkpoints under `opts.out`; prints one
 /// line per epoch like d2l. Returns every epoch's statistics (earlier ones too when resuming).
+/// A model that reads token ids, or whose recipe names a text, trains as a language model.
 pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<EpochStats>, Diag> {
+    if recipe.data == config::DataSet::FraEng || translation::is_translator(model) {
+        return translation::train(model, recipe, opts);
+    }
+    if recipe.data == config::DataSet::TimeMachine || language::reads_tokens(model) {
+        return language::train(model, recipe, opts);
+    }
     let (shape, classes) = classifier_shape(model)?;
     let (train_set, test_set, source) = data::fashion_mnist(opts.data.as_deref())?;
     if classes != train_set.classes().len() {
