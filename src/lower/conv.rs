@@ -1,6 +1,10 @@
-//! Convolution on candle's `conv2d`, with padding done by hand so that non-square padding
-//! works, and rows and columns that no window reaches cropped first: candle's backward pass
-//! fails when the stride leaves a different remainder along H and W (stride 3, pad 1 on 7×9).
+//! Convolution on our own CPU kernels ([`super::conv_kernel`]) as candle custom ops: candle's
+//! autograd calls our backward, which computes the gradient of the input only when the input
+//! tracks gradients (not for the data fed to the first layer) and the gradients of the weight
+//! and the bias only when they do (a frozen parameter costs nothing). Stride and dilation may
+//! differ along H and W, padding is per axis, and rows or columns that no window reaches get a
+//! zero gradient.
+
 //!
 //! Transposed convolution on candle's `conv_transpose2d`, which has neither groups, nor
 //! padding or output padding that differ along H and W, and whose input gradient has the
@@ -9,8 +13,14 @@
 //! afterwards: `pad` rows and columns cropped from each side, `output_padding` ones kept at
 //! the bottom and right (zeros where the full output ends).
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
+    WithDType, bail,
+};
 
+use super::conv_kernel::{self, Algorithm, Geometry};
+use super::kernel::Float;
 use super::params::State;
 use crate::ops::conv::{Conv2d, ConvTranspose2d};
 
@@ -33,11 +43,6 @@ impl Conv {
         } else {
             None
         };
-        if cfg.stride.0 != cfg.stride.1 || cfg.dilation.0 != cfg.dilation.1 {
-            candle_core::bail!(
-                "`{name}`: different strides or dilations along H and W are not supported by the candle backend yet"
-            );
-        }
         Ok(Conv {
             cfg: cfg.clone(),
             weight,
@@ -56,45 +61,22 @@ impl Conv {
     }
 }
 
-/// The convolution itself, on explicit weight and bias.
+/// The convolution of `x: [N, C, H, W]` (CPU, f32 or f64) with an explicit weight
+/// `[out, C/groups, kh, kw]` and bias `[out]`, differentiable.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, cfg: &Conv2d) -> Result<Tensor> {
-    let (ph, pw) = (cfg.pad.0 as usize, cfg.pad.1 as usize);
-    let (s, d) = (cfg.stride.0 as usize, cfg.dilation.0 as usize);
-    let reach = |k: u64| d * (k as usize - 1) + 1;
-    let (_, _, h, w) = x.dims4()?;
-    let rem_h = (h + 2 * ph).saturating_sub(reach(cfg.kernel.0)) % s;
-    let rem_w = (w + 2 * pw).saturating_sub(reach(cfg.kernel.1)) % s;
-    // candle's own padding is fastest; it is correct when the padding is square and the
-    // stride leaves the same remainder along H and W.
-    if ph == pw && rem_h == rem_w {
-        let y = x.conv2d(weight, ph, s, d, cfg.groups as usize)?;
-        return match bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-            None => Ok(y),
-        };
+    if !x.device().is_cpu() {
+        bail!("conv: only the CPU is supported");
     }
-    let mut x = x.clone();
-    if ph > 0 {
-        x = x.pad_with_zeros(2, ph, ph)?;
-    }
-    if pw > 0 {
-        x = x.pad_with_zeros(3, pw, pw)?;
-    }
-    let (_, _, h, w) = x.dims4()?;
-    let reach_h = d * (cfg.kernel.0 as usize - 1) + 1;
-    let reach_w = d * (cfg.kernel.1 as usize - 1) + 1;
-    let used_h = (h - reach_h) / s * s + reach_h;
-    let used_w = (w - reach_w) / s * s + reach_w;
-    if used_h < h {
-        x = x.narrow(2, 0, used_h)?;
-    }
-    if used_w < w {
-        x = x.narrow(3, 0, used_w)?;
-    }
-    let y = x.conv2d(weight, 0, s, d, cfg.groups as usize)?;
+    let g = Geometry::new(cfg, x.dims(), weight.dims())?;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-        None => Ok(y),
+        Some(b) => {
+            if b.dims() != [g.o] {
+                bail!("conv: bias is {:?}, expected [{}]", b.dims(), g.o);
+            }
+            x.apply_op3(&weight, &b.contiguous()?, ConvOp(g))
+        }
+        None => x.apply_op2(&weight, ConvOp(g)),
     }
 }
 
@@ -202,61 +184,549 @@ fn place(full: &Tensor, axis: usize, pad: usize, output_padding: usize) -> Resul
     Ok(y)
 }
 
+/// The contiguous elements of one operand of type `T`, checked against the dims it must have.
+fn operand<'a, T: WithDType>(
+    (storage, layout): (&'a CpuStorage, &Layout),
+    dims: &[usize],
+    what: &str,
+) -> Result<&'a [T]> {
+    if layout.dims() != dims {
+        bail!("conv: the {what} is {:?}, expected {dims:?}", layout.dims());
+    }
+    let data = T::cpu_storage_as_slice(storage)?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("conv: the {what} is not contiguous"),
+    }
+}
+
+/// Runs the generic kernel call `$f::<T>(..)` (returning `Result<Vec<T>>`) for the dtype of
+/// the first operand, f32 or f64, into a [`CpuStorage`].
+macro_rules! by_dtype {
+    ($op:expr, $dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => f32::to_cpu_storage_owned($f::<f32>($($arg),*)?),
+            DType::F64 => f64::to_cpu_storage_owned($f::<f64>($($arg),*)?),
+            other => bail!("{}: only f32 and f64 are supported, got {other:?}", $op),
+        }
+    };
+}
+
+type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
+/// Input, weight and output dims of a geometry.
+fn dims(g: &Geometry) -> ([usize; 4], [usize; 4], [usize; 4]) {
+    (
+        [g.n, g.c, g.h, g.w],
+        [g.o, g.c / g.groups, g.kh, g.kw],
+        [g.n, g.o, g.oh, g.ow],
+    )
+}
+
+fn forward<T: Float>(
+    g: &Geometry,
+    x: Operand<'_>,
+    w: Operand<'_>,
+    b: Option<Operand<'_>>,
+) -> Result<Vec<T>> {
+    let (xd, wd, _) = dims(g);
+    let b = match b {
+        Some(b) => Some(operand::<T>(b, &[g.o], "bias")?),
+        None => None,
+    };
+    Ok(conv_kernel::forward(
+        g,
+        Algorithm::choose(g),
+        operand(x, &xd, "input")?,
+        operand(w, &wd, "weight")?,
+        b,
+    ))
+}
+
+fn input_grad<T: Float>(g: &Geometry, dy: Operand<'_>, w: Operand<'_>) -> Result<Vec<T>> {
+    let (_, wd, yd) = dims(g);
+    Ok(conv_kernel::input_grad(
+        g,
+        Algorithm::choose(g),
+        operand(dy, &yd, "output gradient")?,
+        operand(w, &wd, "weight")?,
+    ))
+}
+
+fn weight_grad<T: Float>(g: &Geometry, x: Operand<'_>, dy: Operand<'_>) -> Result<Vec<T>> {
+    let (xd, _, yd) = dims(g);
+    Ok(conv_kernel::weight_grad(
+        g,
+        Algorithm::choose(g),
+        operand(x, &xd, "input")?,
+        operand(dy, &yd, "output gradient")?,
+    ))
+}
+
+fn bias_grad<T: Float>(g: &Geometry, dy: Operand<'_>) -> Result<Vec<T>> {
+    let (_, _, yd) = dims(g);
+    Ok(conv_kernel::bias_grad(
+        g,
+        operand(dy, &yd, "output gradient")?,
+    ))
+}
+
+/// The forward convolution of one geometry, on `(x, w)` or `(x, w, b)`.
+struct ConvOp(Geometry);
+
+impl ConvOp {
+    fn out_shape(&self) -> Shape {
+        Shape::from(dims(&self.0).2.to_vec())
+    }
+
+    /// The gradients of `x` and `w` that are wanted.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &InputGrad(self.0))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(grad, &WeightGrad(self.0))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv",
+            s1.dtype(),
+            forward(&self.0, (s1, l1), (s2, l2), None)
+        );
+        Ok((out, self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, &grad.contiguous()?)
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv",
+            s1.dtype(),
+            forward(&self.0, (s1, l1), (s2, l2), Some((s3, l3)))
+        );
+        Ok((out, self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = self.grads(x, w, &grad)?;
+        let db = if b.track_op() {
+            Some(grad.apply_op1_no_bwd(&BiasGrad(self.0))?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `(dL/dy, w) -> dL/dx` of [`ConvOp`] (not itself differentiable).
+struct InputGrad(Geometry);
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv backward",
+            s1.dtype(),
+            input_grad(&self.0, (s1, l1), (s2, l2))
+        );
+        Ok((out, Shape::from(dims(&self.0).0.to_vec())))
+    }
+}
+
+/// `(x, dL/dy) -> dL/dw` of [`ConvOp`] (not itself differentiable).
+struct WeightGrad(Geometry);
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv backward",
+            s1.dtype(),
+            weight_grad(&self.0, (s1, l1), (s2, l2))
+        );
+        Ok((out, Shape::from(dims(&self.0).1.to_vec())))
+    }
+}
+
+/// `dL/dy -> dL/db` of [`ConvOp`] (not itself differentiable).
+struct BiasGrad(Geometry);
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!("conv backward", s.dtype(), bias_grad(&self.0, (s, l)));
+        Ok((out, Shape::from(self.0.o)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::{Dim, Shape as IrShape};
     use crate::lower::gradcheck::{check_grads, random};
 
-    fn cfg(out: u64, k: (u64, u64), s: u64, p: (u64, u64), d: u64, groups: u64) -> Conv2d {
+    /// A config: `out` channels, kernel, stride, pad, dilation (each `(H, W)`), groups.
+    fn cfg(
+        out: u64,
+        kernel: (u64, u64),
+        stride: (u64, u64),
+        pad: (u64, u64),
+        dilation: (u64, u64),
+        groups: u64,
+    ) -> Conv2d {
         Conv2d {
             out,
-            kernel: k,
-            stride: (s, s),
-            pad: p,
-            dilation: (d, d),
+            kernel,
+            stride,
+            pad,
+            dilation,
             groups,
             bias: true,
         }
     }
 
+    /// Random `(x, w, b)` for `c` on an `[n, cin, h, w]` input.
+    fn operands(c: &Conv2d, [n, cin, h, w]: [usize; 4], seed: u64) -> [Tensor; 3] {
+        let (kh, kw) = (c.kernel.0 as usize, c.kernel.1 as usize);
+        let out = c.out as usize;
+        [
+            random(&[n, cin, h, w], seed),
+            random(&[out, cin / c.groups as usize, kh, kw], seed + 1),
+            random(&[out], seed + 2),
+        ]
+    }
+
+    /// `conv2d`, asserting its output shape is what shape inference says.
+    fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &Conv2d) -> Result<Tensor> {
+        let y = conv2d(x, w, b, c)?;
+        let dims: Vec<Dim> = x.dims().iter().map(|&d| Dim::Known(d as u64)).collect();
+        let expected: Vec<usize> = c
+            .infer(&IrShape::new(dims))
+            .unwrap()
+            .0
+            .iter()
+            .map(|d| d.known().unwrap() as usize)
+            .collect();
+        assert_eq!(
+            y.dims(),
+            &expected[..],
+            "shape agrees with inference for {c:?}"
+        );
+        Ok(y)
+    }
+
+    /// Configs that together cover every path of the kernels: strides, padding and dilation
+    /// alike and different along H and W, remainders that leave rows and columns unread,
+    /// groups, depthwise (with a channel multiplier), one input channel, pointwise.
+    fn configs() -> Vec<(Conv2d, [usize; 4])> {
+        vec![
+            (cfg(3, (3, 3), (2, 2), (1, 1), (1, 1), 1), [2, 2, 7, 9]),
+            (cfg(3, (3, 3), (3, 3), (1, 1), (1, 1), 1), [2, 2, 7, 9]),
+            (cfg(3, (3, 2), (2, 1), (1, 0), (1, 1), 1), [3, 2, 8, 5]),
+            (cfg(2, (3, 3), (1, 1), (2, 2), (2, 2), 1), [2, 2, 6, 6]),
+            // FCN's dilated ResNet: padding = dilation = 2 and 4, size kept
+            (cfg(2, (3, 3), (1, 1), (2, 2), (2, 2), 1), [2, 2, 7, 5]),
+            (cfg(2, (3, 3), (1, 1), (4, 4), (4, 4), 1), [2, 2, 9, 6]),
+            (cfg(2, (3, 2), (1, 2), (1, 2), (1, 2), 1), [2, 3, 7, 8]),
+            (cfg(2, (3, 5), (1, 1), (1, 2), (1, 1), 1), [2, 2, 6, 7]),
+            (cfg(4, (1, 1), (1, 1), (0, 0), (1, 1), 2), [2, 4, 5, 5]),
+            (cfg(6, (3, 3), (1, 1), (1, 1), (1, 1), 3), [2, 6, 5, 4]),
+            (cfg(4, (1, 1), (2, 2), (0, 0), (1, 1), 1), [2, 3, 5, 6]),
+            (cfg(3, (1, 1), (1, 1), (0, 0), (1, 1), 1), [3, 4, 3, 2]),
+            (cfg(4, (3, 3), (1, 1), (1, 1), (1, 1), 4), [2, 4, 5, 6]),
+            (cfg(4, (3, 3), (2, 2), (1, 1), (1, 1), 4), [2, 4, 7, 6]),
+            (cfg(6, (3, 2), (2, 1), (0, 1), (2, 1), 3), [2, 3, 8, 5]),
+            (cfg(3, (5, 5), (1, 1), (2, 2), (1, 1), 1), [2, 1, 6, 5]),
+            (cfg(2, (2, 2), (3, 2), (0, 0), (1, 1), 1), [1, 1, 7, 5]),
+        ]
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
-        for (c, cin, h, w) in [
-            (cfg(3, (3, 3), 2, (1, 1), 1, 1), 2, 7, 9),
-            (cfg(3, (3, 3), 3, (1, 1), 1, 1), 2, 7, 9),
-            (cfg(4, (1, 1), 1, (0, 0), 1, 2), 4, 5, 5),
-            (cfg(2, (3, 3), 1, (2, 2), 2, 1), 2, 6, 6),
-            // FCN's dilated ResNet: padding = dilation = 2 and 4, size kept
-            (cfg(2, (3, 3), 1, (2, 2), 2, 1), 2, 7, 5),
-            (cfg(2, (3, 3), 1, (4, 4), 4, 1), 2, 9, 6),
-            (cfg(2, (3, 5), 1, (1, 2), 1, 1), 2, 6, 7),
-        ] {
-            let x = random(&[2, cin, h, w], 1);
-            let wt = random(
-                &[
-                    c.out as usize,
-                    cin / c.groups as usize,
-                    c.kernel.0 as usize,
-                    c.kernel.1 as usize,
-                ],
-                2,
-            );
-            let b = random(&[c.out as usize], 3);
-            let expected = c.infer(&crate::ir::Shape::new(
-                [2u64, cin as u64, h as u64, w as u64]
-                    .map(crate::ir::Dim::Known)
-                    .to_vec(),
-            ));
-            let y = conv2d(&x, &wt, Some(&b), &c).unwrap();
-            let dims: Vec<usize> = expected
-                .unwrap()
-                .0
-                .iter()
-                .map(|d| d.known().unwrap() as usize)
-                .collect();
-            assert_eq!(y.dims(), &dims[..], "shape agrees with inference for {c:?}");
-            check_grads(|t| conv2d(&t[0], &t[1], Some(&t[2]), &c), &[x, wt, b], 1e-6);
+        for (i, (c, dims)) in configs().into_iter().enumerate() {
+            let ops = operands(&c, dims, 10 * i as u64);
+            check_grads(|t| conv(&t[0], &t[1], Some(&t[2]), &c), &ops, 1e-6);
+            let no_bias = Conv2d { bias: false, ..c };
+            check_grads(|t| conv(&t[0], &t[1], None, &no_bias), &ops[..2], 1e-6);
         }
+    }
+
+    /// The output and the gradients of `x`, `w`, `b` (those that are variables) for the loss
+    /// `sum(y · r)`.
+    fn run(
+        f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        [x, w, b]: &[Tensor; 3],
+        vars: [bool; 3],
+    ) -> (Tensor, [Option<Tensor>; 3]) {
+        let track = |t: &Tensor, v: bool| {
+            if v {
+                Var::from_tensor(t).unwrap().as_tensor().clone()
+            } else {
+                t.clone()
+            }
+        };
+        let (x, w, b) = (track(x, vars[0]), track(w, vars[1]), track(b, vars[2]));
+        let y = f(&x, &w, &b).unwrap();
+        let r = random(y.dims(), 99).to_dtype(y.dtype()).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |t: &Tensor| g.get(t).cloned();
+        (y, [grad(&x), grad(&w), grad(&b)])
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Asserts two runs agree to `tol` in the output and in every gradient.
+    fn assert_same(
+        a: &(Tensor, [Option<Tensor>; 3]),
+        b: &(Tensor, [Option<Tensor>; 3]),
+        tol: f64,
+        what: &str,
+    ) {
+        assert!(max_abs_diff(&a.0, &b.0) <= tol, "{what}: output");
+        for (k, (ga, gb)) in a.1.iter().zip(&b.1).enumerate() {
+            match (ga, gb) {
+                (Some(ga), Some(gb)) => {
+                    let d = max_abs_diff(ga, gb);
+                    assert!(d <= tol, "{what}: gradient {k} differs by {d}");
+                }
+                (None, None) => {}
+                _ => panic!("{what}: gradient {k} present in one run only"),
+            }
+        }
+    }
+
+    /// Candle's own `conv2d`, with padding done by hand when it is not square and rows and
+    /// columns that no window reaches cropped first (candle's backward fails otherwise): the
+    /// plain candle path this module replaces. Square stride and dilation only.
+    fn candle_conv2d(x: &Tensor, w: &Tensor, b: &Tensor, c: &Conv2d) -> Result<Tensor> {
+        assert_eq!(c.stride.0, c.stride.1);
+        assert_eq!(c.dilation.0, c.dilation.1);
+        let (s, d) = (c.stride.0 as usize, c.dilation.0 as usize);
+        let x = x
+            .pad_with_zeros(2, c.pad.0 as usize, c.pad.0 as usize)?
+            .pad_with_zeros(3, c.pad.1 as usize, c.pad.1 as usize)?;
+        let (_, _, h, wd) = x.dims4()?;
+        let reach_h = d * (c.kernel.0 as usize - 1) + 1;
+        let reach_w = d * (c.kernel.1 as usize - 1) + 1;
+        let x = x.narrow(2, 0, (h - reach_h) / s * s + reach_h)?.narrow(
+            3,
+            0,
+            (wd - reach_w) / s * s + reach_w,
+        )?;
+        let y = x.conv2d(w, 0, s, d, c.groups as usize)?;
+        y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)
+    }
+
+    #[test]
+    fn matches_the_candle_path() {
+        for (i, (c, dims)) in configs().into_iter().enumerate() {
+            if c.stride.0 != c.stride.1 || c.dilation.0 != c.dilation.1 {
+                continue;
+            }
+            let ops = operands(&c, dims, 100 + i as u64);
+            for dtype in [DType::F64, DType::F32] {
+                let ops = ops.clone().map(|t| t.to_dtype(dtype).unwrap());
+                let ours = run(|x, w, b| conv(x, w, Some(b), &c), &ops, [true; 3]);
+                let theirs = run(|x, w, b| candle_conv2d(x, w, b, &c), &ops, [true; 3]);
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                assert_same(&ours, &theirs, tol, &format!("{c:?} {dtype:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn larger_layers_match_the_candle_path() {
+        // Sizes where chunks of several samples, parallel chunks and GEMMs wider than one
+        // register block all happen: LeNet's second layer, a ResNet 3×3 and its stride-2 1×1
+        // shortcut, a depthwise 3×3.
+        for (c, dims) in [
+            (cfg(16, (5, 5), (1, 1), (0, 0), (1, 1), 1), [9, 6, 14, 14]),
+            (cfg(32, (3, 3), (1, 1), (1, 1), (1, 1), 1), [5, 16, 12, 12]),
+            (cfg(32, (1, 1), (2, 2), (0, 0), (1, 1), 1), [5, 16, 12, 12]),
+            (cfg(24, (3, 3), (2, 2), (1, 1), (1, 1), 24), [5, 24, 13, 13]),
+        ] {
+            let ops = operands(&c, dims, 7);
+            let ours = run(|x, w, b| conv(x, w, Some(b), &c), &ops, [true; 3]);
+            let theirs = run(|x, w, b| candle_conv2d(x, w, b, &c), &ops, [true; 3]);
+            assert_same(&ours, &theirs, 1e-11, &format!("{c:?}"));
+        }
+    }
+
+    #[test]
+    fn gradients_nobody_needs_are_not_computed() {
+        let c = cfg(4, (3, 3), (1, 1), (1, 1), (1, 1), 1);
+        let ops = operands(&c, [2, 3, 5, 5], 3);
+        let all = run(|x, w, b| conv(x, w, Some(b), &c), &ops, [true; 3]);
+        for vars in [
+            [false, true, true],
+            [true, false, true],
+            [true, true, false],
+            [false, false, true],
+        ] {
+            let some = run(|x, w, b| conv(x, w, Some(b), &c), &ops, vars);
+            for k in 0..3 {
+                match &some.1[k] {
+                    Some(g) => {
+                        assert!(vars[k]);
+                        assert_eq!(max_abs_diff(g, all.1[k].as_ref().unwrap()), 0.0);
+                    }
+                    None => assert!(!vars[k], "gradient {k} missing for {vars:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_results() {
+        for (c, dims) in [
+            (cfg(8, (3, 3), (1, 1), (1, 1), (1, 1), 2), [7, 4, 6, 5]),
+            (cfg(6, (3, 3), (2, 1), (1, 1), (1, 1), 3), [5, 3, 7, 7]),
+            (cfg(5, (1, 1), (1, 1), (0, 0), (1, 1), 1), [3, 4, 9, 9]),
+        ] {
+            let ops = operands(&c, dims, 11);
+            let f = |x: &Tensor, w: &Tensor, b: &Tensor| conv(x, w, Some(b), &c);
+            let base = run(f, &ops, [true; 3]);
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let a = pool.install(|| run(f, &ops, [true; 3]));
+                let b = pool.install(|| run(f, &ops, [true; 3]));
+                assert_same(&a, &b, 0.0, &format!("{c:?}, {threads} threads, run twice"));
+                assert_same(&a, &base, 1e-12, &format!("{c:?}, {threads} threads"));
+            }
+        }
+    }
+
+    #[test]
+    fn any_input_layout() {
+        let c = cfg(4, (3, 3), (2, 2), (1, 1), (1, 1), 1);
+        let x = random(&[2, 3, 9, 7], 5);
+        let [_, w, b] = operands(&c, [2, 3, 7, 9], 6);
+        let view = x.transpose(2, 3).unwrap();
+        assert!(!view.is_contiguous());
+        let a = conv(&view, &w, Some(&b), &c).unwrap();
+        let b2 = conv(&view.contiguous().unwrap(), &w, Some(&b), &c).unwrap();
+        assert_eq!(max_abs_diff(&a, &b2), 0.0);
+        check_grads(
+            |t| conv(&t[0].transpose(2, 3)?, &t[1], Some(&t[2]), &c),
+            &[x, w, b],
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn f32_matches_f64() {
+        let c = cfg(6, (3, 3), (1, 1), (1, 1), (1, 1), 3);
+        let ops = operands(&c, [3, 6, 8, 8], 12);
+        let a = run(|x, w, b| conv(x, w, Some(b), &c), &ops, [true; 3]);
+        let ops32 = ops.clone().map(|t| t.to_dtype(DType::F32).unwrap());
+        let b = run(|x, w, b| conv(x, w, Some(b), &c), &ops32, [true; 3]);
+        assert_eq!(b.0.dtype(), DType::F32);
+        assert_same(&a, &b, 1e-5, "f32 vs f64");
+    }
+
+    #[test]
+    fn rejects_bad_operands() {
+        let c = cfg(4, (3, 3), (1, 1), (0, 0), (1, 1), 2);
+        let [x, w, b] = operands(&c, [1, 4, 5, 5], 1);
+        assert!(conv2d(&x, &w, Some(&b), &c).is_ok());
+        assert!(conv2d(&x, &w.narrow(1, 0, 1).unwrap(), Some(&b), &c).is_err());
+        assert!(conv2d(&x, &w, Some(&b.narrow(0, 0, 3).unwrap()), &c).is_err());
+        assert!(conv2d(&x.narrow(1, 0, 3).unwrap(), &w, Some(&b), &c).is_err());
+        assert!(conv2d(&x.narrow(2, 0, 2).unwrap(), &w, Some(&b), &c).is_err());
+        assert!(conv2d(&random(&[4, 5, 5], 1), &w, Some(&b), &c).is_err());
+        let ints = x.to_dtype(DType::U32).unwrap();
+        assert!(conv2d(&ints, &w.to_dtype(DType::U32).unwrap(), None, &c).is_err());
+        let mixed = conv2d(&x.to_dtype(DType::F32).unwrap(), &w, None, &c);
+        assert!(mixed.is_err());
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -8,9 +8,12 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+mod conv_kernel;
+mod kernel;
 pub mod layout;
 pub mod linear;
 pub mod norm;
+mod norm_kernel;
 pub mod params;
 pub mod pool;
 pub mod position;

@@ -2,7 +2,15 @@
 //! PyTorch does: momentum 0.1 and the unbiased batch variance), layer normalisation and local
 //! response normalisation, all from differentiable candle primitives.
 
-use candle_core::{Result, Tensor, Var};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType, bail,
+};
+
+use super::kernel::Float;
+use super::norm_kernel::{self, Extent};
 
 use super::params::State;
 use crate::ops::norm::{BatchNorm as BatchNormCfg, LayerNorm as LayerNormCfg, Lrn};
@@ -64,7 +72,47 @@ impl BatchNorm {
 
 /// Training-mode batch norm over axis 1 with batch statistics: the output, and the batch mean
 /// and biased variance per channel (detached, for the running statistics).
+///
+/// One fused custom op ([`super::norm_kernel`]) for CPU f32 and f64: its backward computes the
+/// gradients of the input, the weight and the bias, each only when that tensor tracks
+/// gradients. Other devices and dtypes use the same formula composed of candle primitives.
 pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let Some(e) = Extent::of(x.dims()) else {
+        bail!("batchnorm: input must be [N, C, ...], got {:?}", x.dims());
+    };
+    if weight.dims() != [e.c] || bias.dims() != [e.c] {
+        bail!(
+            "batchnorm: weight {:?} and bias {:?} must be [{}]",
+            weight.dims(),
+            bias.dims(),
+            e.c
+        );
+    }
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return batch_norm_composed(x, weight, bias, eps);
+    }
+    let stats = Arc::new(OnceLock::new());
+    let op = BatchNormOp {
+        eps,
+        stats: stats.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let stats: &BatchStats = stats
+        .get()
+        .ok_or_else(|| candle_core::Error::Msg("batchnorm: statistics not computed".into()))?;
+    let tensor = |v: &[f64]| Tensor::new(v, x.device())?.to_dtype(x.dtype());
+    Ok((y, tensor(&stats.mean)?, tensor(&stats.var)?))
+}
+
+/// [`batch_norm_train`] composed of differentiable candle primitives.
+fn batch_norm_composed(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -87,6 +135,262 @@ pub fn batch_norm_train(
         .reshape(dims)?
         .transpose(0, 1)?;
     Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+}
+
+/// The batch statistics of one [`BatchNormOp`] call, per channel.
+#[derive(Debug)]
+struct BatchStats {
+    mean: Vec<f64>,
+    /// Biased variance.
+    var: Vec<f64>,
+    /// `1 / √(var + eps)`.
+    inv_std: Vec<f64>,
+}
+
+/// The contiguous elements of one operand as `T`.
+fn elements<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("batchnorm: operand is not contiguous"),
+    }
+}
+
+/// Runs the method `$op.$f::<T>(..)` (returning `Result<Vec<T>>`) for f32 or f64 into a
+/// [`CpuStorage`].
+macro_rules! by_dtype {
+    ($dtype:expr, $op:ident.$f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => f32::to_cpu_storage_owned($op.$f::<f32>($($arg),*)?),
+            DType::F64 => f64::to_cpu_storage_owned($op.$f::<f64>($($arg),*)?),
+            other => bail!("batchnorm: only f32 and f64 are supported, got {other:?}"),
+        }
+    };
+}
+
+/// Training-mode batch norm of `(x, weight, bias)`; leaves the batch statistics in `stats`.
+struct BatchNormOp {
+    eps: f64,
+    stats: Arc<OnceLock<BatchStats>>,
+}
+
+impl BatchNormOp {
+    fn forward<T: Float>(
+        &self,
+        e: &Extent,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+    ) -> Result<Vec<T>> {
+        let x = elements::<T>(x.0, x.1)?;
+        let to_f64 = |v: &[T]| v.iter().map(|t| t.to_f64()).collect::<Vec<f64>>();
+        let w = to_f64(elements::<T>(w.0, w.1)?);
+        let b = to_f64(elements::<T>(b.0, b.1)?);
+        let (mean, var) = norm_kernel::stats(e, x);
+        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let scale: Vec<f64> = w.iter().zip(&inv_std).map(|(w, s)| w * s).collect();
+        let y = norm_kernel::normalize(e, x, &mean, &scale, &b);
+        self.stats
+            .set(BatchStats { mean, var, inv_std })
+            .map_err(|_| candle_core::Error::Msg("batchnorm: op run twice".into()))?;
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "dlc-batchnorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(e) = Extent::of(l1.dims()) else {
+            bail!("batchnorm: input must be [N, C, ...]");
+        };
+        if l2.dims() != [e.c] || l3.dims() != [e.c] {
+            bail!("batchnorm: weight and bias must be [{}]", e.c);
+        }
+        let y = by_dtype!(s1.dtype(), self.forward(&e, (s1, l1), (s2, l2), (s3, l3)));
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !(x.track_op() || w.track_op() || b.track_op()) {
+            return Ok((None, None, None));
+        }
+        let stats = self
+            .stats
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("batchnorm: backward before forward".into()))?;
+        let grad = grad.contiguous()?;
+        let sums_op = GradSums {
+            mean: stats.mean.clone(),
+            inv_std: stats.inv_std.clone(),
+            sums: OnceLock::new(),
+        };
+        // [2, C]: Σ dy (the bias gradient) and Σ dy · x̂ (the weight gradient).
+        let sums = x.apply_op2_no_bwd(&grad, &sums_op)?;
+        let db = if b.track_op() {
+            Some(sums.get(0)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(sums.get(1)?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            let (sum_dy, sum_dy_xhat) = sums_op
+                .sums
+                .get()
+                .ok_or_else(|| candle_core::Error::Msg("batchnorm: sums not computed".into()))?;
+            let weight: Vec<f64> = w.to_dtype(DType::F64)?.to_vec1()?;
+            let e = Extent::of(x.dims()).expect("checked in the forward pass");
+            let coefficients = norm_kernel::input_grad_coefficients(
+                e.count(),
+                &weight,
+                &stats.inv_std,
+                sum_dy,
+                sum_dy_xhat,
+            );
+            Some(x.apply_op2_no_bwd(
+                &grad,
+                &InputGrad {
+                    mean: stats.mean.clone(),
+                    coefficients,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `(x, dy) -> [Σ dy, Σ dy · x̂]` per channel, `[2, C]`; keeps the sums in f64 in `sums`.
+struct GradSums {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    sums: OnceLock<(Vec<f64>, Vec<f64>)>,
+}
+
+impl GradSums {
+    fn run<T: Float>(
+        &self,
+        e: &Extent,
+        x: (&CpuStorage, &Layout),
+        dy: (&CpuStorage, &Layout),
+    ) -> Result<Vec<T>> {
+        let (x, dy) = (elements::<T>(x.0, x.1)?, elements::<T>(dy.0, dy.1)?);
+        let (sum_dy, sum_dy_xc) = norm_kernel::grad_sums(e, x, dy, &self.mean);
+        let sum_dy_xhat: Vec<f64> = sum_dy_xc
+            .iter()
+            .zip(&self.inv_std)
+            .map(|(s, i)| s * i)
+            .collect();
+        let out = sum_dy
+            .iter()
+            .chain(&sum_dy_xhat)
+            .map(|&v| T::from_f64(v))
+            .collect();
+        self.sums
+            .set((sum_dy, sum_dy_xhat))
+            .map_err(|_| candle_core::Error::Msg("batchnorm: sums run twice".into()))?;
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for GradSums {
+    fn name(&self) -> &'static str {
+        "dlc-batchnorm-grad-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(e) = Extent::of(l1.dims()) else {
+            bail!("batchnorm backward: input must be [N, C, ...]");
+        };
+        if l2.dims() != l1.dims() {
+            bail!(
+                "batchnorm backward: gradient {:?} for input {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let out = by_dtype!(s1.dtype(), self.run(&e, (s1, l1), (s2, l2)));
+        Ok((out, Shape::from((2, e.c))))
+    }
+}
+
+/// `(x, dy) -> dx = a · dy + b · (x − mean) + d` per channel (not itself differentiable).
+struct InputGrad {
+    mean: Vec<f64>,
+    coefficients: (Vec<f64>, Vec<f64>, Vec<f64>),
+}
+
+impl InputGrad {
+    fn run<T: Float>(
+        &self,
+        e: &Extent,
+        x: (&CpuStorage, &Layout),
+        dy: (&CpuStorage, &Layout),
+    ) -> Result<Vec<T>> {
+        let (a, b, d) = &self.coefficients;
+        Ok(norm_kernel::input_grad(
+            e,
+            elements::<T>(x.0, x.1)?,
+            elements::<T>(dy.0, dy.1)?,
+            &self.mean,
+            (a, b, d),
+        ))
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "dlc-batchnorm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(e) = Extent::of(l1.dims()) else {
+            bail!("batchnorm backward: input must be [N, C, ...]");
+        };
+        if l2.dims() != l1.dims() {
+            bail!(
+                "batchnorm backward: gradient {:?} for input {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let out = by_dtype!(s1.dtype(), self.run(&e, (s1, l1), (s2, l2)));
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// A layer-norm layer over the last axis.
@@ -145,6 +449,7 @@ pub fn lrn(x: &Tensor, cfg: &Lrn) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::lower::gradcheck::{check_grads, random};
+    use candle_core::DType;
 
     #[test]
     fn batch_norm_gradients_match_finite_differences() {
@@ -156,6 +461,121 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    /// The output and the gradients of `(x, w, b)` (those that are variables) of the loss
+    /// `sum(y · r)` for a batch-norm implementation, with its statistics.
+    fn run_bn(
+        f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>,
+        inputs: &[Tensor; 3],
+        vars: [bool; 3],
+    ) -> (Vec<Tensor>, [Option<Tensor>; 3]) {
+        let t: Vec<Tensor> = inputs
+            .iter()
+            .zip(vars)
+            .map(|(t, v)| {
+                if v {
+                    Var::from_tensor(t).unwrap().as_tensor().clone()
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let (y, mean, var) = f(&t[0], &t[1], &t[2]).unwrap();
+        let r = random(y.dims(), 77).to_dtype(y.dtype()).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |k: usize| g.get(&t[k]).cloned();
+        (vec![y, mean, var], [grad(0), grad(1), grad(2)])
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_batch_norm_matches_the_composed_one() {
+        for (shape, seed) in [
+            (vec![4, 3], 1),
+            (vec![2, 3, 5], 2),
+            (vec![3, 4, 5, 6], 3),
+            (vec![5, 2, 17, 3], 4),
+        ] {
+            let c = shape[1];
+            // Off-centre data with a large mean, where a one-pass variance would lose digits.
+            let x = ((random(&shape, seed) * 3.0).unwrap() + 50.0).unwrap();
+            let inputs = [x, random(&[c], seed + 10), random(&[c], seed + 20)];
+            for dtype in [DType::F64, DType::F32] {
+                let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
+                let fused = run_bn(
+                    |x, w, b| batch_norm_train(x, w, b, 1e-5),
+                    &inputs,
+                    [true; 3],
+                );
+                let composed = run_bn(
+                    |x, w, b| batch_norm_composed(x, w, b, 1e-5),
+                    &inputs,
+                    [true; 3],
+                );
+                let tol = if dtype == DType::F64 { 1e-10 } else { 2e-3 };
+                for (a, b) in fused.0.iter().zip(&composed.0) {
+                    assert!(
+                        max_abs_diff(a, b) < tol,
+                        "{shape:?} {dtype:?}: output or stats"
+                    );
+                }
+                for k in 0..3 {
+                    let (a, b) = (
+                        fused.1[k].as_ref().unwrap(),
+                        composed.1[k].as_ref().unwrap(),
+                    );
+                    let d = max_abs_diff(a, b);
+                    assert!(d < tol, "{shape:?} {dtype:?}: gradient {k} differs by {d}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batch_norm_skips_gradients_nobody_needs() {
+        let inputs = [random(&[3, 2, 4, 4], 1), random(&[2], 2), random(&[2], 3)];
+        let all = run_bn(
+            |x, w, b| batch_norm_train(x, w, b, 1e-5),
+            &inputs,
+            [true; 3],
+        );
+        for vars in [
+            [false, true, true],
+            [true, false, false],
+            [false, false, true],
+        ] {
+            let some = run_bn(|x, w, b| batch_norm_train(x, w, b, 1e-5), &inputs, vars);
+            for k in 0..3 {
+                assert_eq!(some.1[k].is_some(), vars[k], "gradient {k} for {vars:?}");
+                if let Some(g) = &some.1[k] {
+                    assert_eq!(max_abs_diff(g, all.1[k].as_ref().unwrap()), 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batch_norm_of_a_non_contiguous_input() {
+        let x = random(&[3, 5, 2, 4], 4);
+        let inputs = [random(&[2], 5), random(&[2], 6)];
+        check_grads(
+            |t| Ok(batch_norm_train(&t[0].transpose(1, 2)?, &t[1], &t[2], 1e-5)?.0),
+            &[x, inputs[0].clone(), inputs[1].clone()],
+            1e-5,
+        );
     }
 
     #[test]

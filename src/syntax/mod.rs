@@ -336,15 +336,56 @@ impl<'i> Children<'i> {
     }
 }
 
+/// Where a pair's content ends: its end, less the whitespace and comments that pest's
+/// implicit skipping may have consumed after its last token.
+fn content_end(p: &Pair<Rule>) -> usize {
+    let text = p.as_str();
+    let mut end = text.len();
+    loop {
+        let t = text[..end].trim_end();
+        let cut = if let Some(open) = t.strip_suffix("*/").and_then(|b| b.rfind("/*")) {
+            open
+        } else {
+            let line = t.rfind('\n').map_or(0, |i| i + 1);
+            match line_comment(&t[line..]) {
+                Some(at) => line + at,
+                None => t.len(),
+            }
+        };
+        if cut == end {
+            return p.as_span().start() + end;
+        }
+        end = cut;
+    }
+}
+
+/// Where a `//` comment starts on a line, outside string literals.
+fn line_comment(line: &str) -> Option<usize> {
+    let bytes = line.as_bytes();
+    let (mut i, mut in_string) = (0, false);
+    while i < bytes.len() {
+        match (bytes[i], in_string) {
+            (b'\\', true) => i += 1,
+            (b'"', _) => in_string = !in_string,
+            (b'/', false) if bytes.get(i + 1) == Some(&b'/') => return Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Turns pairs into AST nodes with spans in one file.
 struct Builder {
     file: FileId,
 }
 
 impl Builder {
+    /// The pair's source, without the whitespace and comments that pest's implicit skipping
+    /// leaves at its end (so `conv(3)   // note` underlines only `conv(3)`).
     fn span(&self, p: &Pair<Rule>) -> Span {
         let s = p.as_span();
-        Span::new(self.file, s.start(), s.end())
+        Span::new(self.file, s.start(), content_end(p))
     }
 
     fn children<'i>(&self, p: Pair<'i, Rule>) -> Children<'i> {

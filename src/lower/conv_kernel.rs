@@ -1,0 +1,888 @@
+//! CPU kernels of 2-D convolution on contiguous `[N, C, H, W]` data, f32 and f64: the forward
+//! pass and the gradients of the input, the weight and the bias, each computed on its own so
+//! that a gradient nobody needs costs nothing.
+//!
+//! Two algorithms:
+//! - **im2col + GEMM**, the general one. The windows of a chunk of samples are unrolled into a
+//!   `[C/groups · kh · kw, samples · H'·W']` matrix in a per-thread scratch buffer, and one GEMM
+//!   per group (the `gemm` crate, candle's own) computes the output, the unrolled input gradient
+//!   (folded back by col2im), or the weight gradient. A pointwise convolution (1×1, stride 1, no
+//!   padding) of one sample reads the input itself as that matrix. Chunks hold enough samples
+//!   for [`GEMM_COLUMNS`] columns, so that layers with small images still make wide GEMMs.
+//! - **Direct loops** when every group has one input channel (depthwise convolution, or a
+//!   single-channel image like LeNet's): the GEMM would have a single row per group, so each
+//!   output plane is a sum of shifted, scaled input rows instead.
+//!
+//! Threads: rayon's global pool, the one candle's CPU kernels and `gemm` use, sized by
+//! `RAYON_NUM_THREADS` (which the CLI's `--threads` sets). The batch is split into chunks; when
+//! there are at least as many chunks as threads they run in parallel, each GEMM on one thread,
+//! else they run in turn and each GEMM uses the pool. Sums over the batch (weight and bias
+//! gradients) are taken in a fixed order, so results do not depend on thread scheduling.
+
+use std::ops::Range;
+
+use candle_core::{Result, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::kernel::{Float, sum};
+use crate::ops::conv::{Conv2d, window_out};
+
+/// GEMM width (output positions) a chunk of samples aims for: narrower GEMMs run far below
+/// the machine's peak, wider ones only need more scratch memory.
+const GEMM_COLUMNS: usize = 512;
+
+/// Most elements an unrolled chunk (im2col matrix) may hold; a chunk never has less than one
+/// sample.
+const MAX_SCRATCH: usize = 1 << 22;
+
+/// The sizes of one convolution call: input `[n, c, h, w]`, weight `[o, c/groups, kh, kw]`,
+/// output `[n, o, oh, ow]`. Stride, padding and dilation are `(along H, along W)`; padding is
+/// the same on both sides of an axis, and rows or columns that no window reaches are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub o: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride.
+    pub stride: (usize, usize),
+    /// Zero padding on each side.
+    pub pad: (usize, usize),
+    /// Dilation.
+    pub dilation: (usize, usize),
+    /// Channel groups.
+    pub groups: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+impl Geometry {
+    /// The geometry of `cfg` applied to an input and a weight of the given dims; an error
+    /// when they do not fit together.
+    pub fn new(cfg: &Conv2d, x: &[usize], weight: &[usize]) -> Result<Self> {
+        let &[n, c, h, w] = x else {
+            bail!("conv: input must be [N, C, H, W], got {x:?}");
+        };
+        let groups = cfg.groups as usize;
+        let o = cfg.out as usize;
+        let (kh, kw) = (cfg.kernel.0 as usize, cfg.kernel.1 as usize);
+        if groups == 0 || c % groups != 0 || o % groups != 0 {
+            bail!("conv: {c} input and {o} output channels cannot be split into {groups} groups");
+        }
+        if weight != [o, c / groups, kh, kw] {
+            bail!(
+                "conv: weight is {weight:?}, expected {:?}",
+                [o, c / groups, kh, kw]
+            );
+        }
+        let axis = |len: usize, k: usize, s: u64, p: u64, d: u64| {
+            if s == 0 || d == 0 || k == 0 {
+                bail!("conv: kernel, stride and dilation must be positive");
+            }
+            match window_out(len as u64, k as u64, s, p, d, false) {
+                Some(out) => Ok(out as usize),
+                None => bail!("conv: kernel {k} (dilation {d}, padding {p}) does not fit in {len}"),
+            }
+        };
+        let oh = axis(h, kh, cfg.stride.0, cfg.pad.0, cfg.dilation.0)?;
+        let ow = axis(w, kw, cfg.stride.1, cfg.pad.1, cfg.dilation.1)?;
+        let pair = |p: (u64, u64)| (p.0 as usize, p.1 as usize);
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            stride: pair(cfg.stride),
+            pad: pair(cfg.pad),
+            dilation: pair(cfg.dilation),
+            groups,
+            oh,
+            ow,
+        })
+    }
+
+    /// Input channels per group.
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+
+    /// Output channels per group.
+    fn og(&self) -> usize {
+        self.o / self.groups
+    }
+
+    /// Rows of the unrolled input of one group: `cg · kh · kw`.
+    fn ck(&self) -> usize {
+        self.cg() * self.kh * self.kw
+    }
+
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// 1×1, stride 1, no padding: the input is its own unrolled matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.stride == (1, 1)
+            && self.pad == (0, 0)
+            && self.oh == self.h
+            && self.ow == self.w
+    }
+
+    /// Output positions `[lo, hi)` along H whose tap `i` reads the input, not padding.
+    fn rows(&self, i: usize) -> Range<usize> {
+        taps(
+            self.oh,
+            self.h,
+            self.stride.0,
+            i * self.dilation.0,
+            self.pad.0,
+        )
+    }
+
+    /// Output positions `[lo, hi)` along W whose tap `j` reads the input, not padding.
+    fn cols(&self, j: usize) -> Range<usize> {
+        taps(
+            self.ow,
+            self.w,
+            self.stride.1,
+            j * self.dilation.1,
+            self.pad.1,
+        )
+    }
+
+    /// The input row read by output row `oy` at tap `i` (inside [`Self::rows`]).
+    fn in_row(&self, oy: usize, i: usize) -> usize {
+        oy * self.stride.0 + i * self.dilation.0 - self.pad.0
+    }
+
+    /// The input column read by output column `ox` at tap `j` (inside [`Self::cols`]).
+    fn in_col(&self, ox: usize, j: usize) -> usize {
+        ox * self.stride.1 + j * self.dilation.1 - self.pad.1
+    }
+}
+
+/// The positions `p < out` with `0 <= p·stride + offset − pad < len`.
+fn taps(out: usize, len: usize, stride: usize, offset: usize, pad: usize) -> Range<usize> {
+    let lo = pad.saturating_sub(offset).div_ceil(stride).min(out);
+    let hi = (len + pad)
+        .saturating_sub(offset)
+        .div_ceil(stride)
+        .clamp(lo, out);
+    lo..hi
+}
+
+/// Which algorithm computes a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Algorithm {
+    /// im2col + GEMM; any geometry.
+    Gemm,
+    /// Direct loops; only for one input channel per group.
+    Direct,
+}
+
+impl Algorithm {
+    /// The faster algorithm for `g`.
+    pub fn choose(g: &Geometry) -> Algorithm {
+        if g.cg() == 1 && g.groups > 1 {
+            Algorithm::Direct
+        } else {
+            Algorithm::Gemm
+        }
+    }
+}
+
+/// The convolution `x ⋆ w + b`: `[n, o, oh, ow]`, row-major.
+pub(crate) fn forward<T: Float>(
+    g: &Geometry,
+    alg: Algorithm,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+) -> Vec<T> {
+    check_len(x, g.n * g.c * g.hw(), "input");
+    check_len(w, g.o * g.ck(), "weight");
+    if let Some(b) = b {
+        check_len(b, g.o, "bias");
+    }
+    match alg {
+        Algorithm::Gemm => forward_gemm(g, x, w, b),
+        Algorithm::Direct => forward_direct(g, x, w, b),
+    }
+}
+
+/// The gradient of the input, `[n, c, h, w]`, from the output gradient `dy`.
+pub(crate) fn input_grad<T: Float>(g: &Geometry, alg: Algorithm, dy: &[T], w: &[T]) -> Vec<T> {
+    check_len(dy, g.n * g.o * g.ohw(), "output gradient");
+    check_len(w, g.o * g.ck(), "weight");
+    match alg {
+        Algorithm::Gemm => input_grad_gemm(g, dy, w),
+        Algorithm::Direct => input_grad_direct(g, dy, w),
+    }
+}
+
+/// The gradient of the weight, `[o, c/groups, kh, kw]`, from the input and the output
+/// gradient.
+pub(crate) fn weight_grad<T: Float>(g: &Geometry, alg: Algorithm, x: &[T], dy: &[T]) -> Vec<T> {
+    check_len(x, g.n * g.c * g.hw(), "input");
+    check_len(dy, g.n * g.o * g.ohw(), "output gradient");
+    match alg {
+        Algorithm::Gemm => weight_grad_gemm(g, x, dy),
+        Algorithm::Direct => weight_grad_direct(g, x, dy),
+    }
+}
+
+/// The gradient of the bias, `[o]`: `dy` summed over the batch and the positions.
+pub(crate) fn bias_grad<T: Float>(g: &Geometry, dy: &[T]) -> Vec<T> {
+    check_len(dy, g.n * g.o * g.ohw(), "output gradient");
+    let mut db = vec![T::zero(); g.o];
+    let ohw = g.ohw();
+    db.par_iter_mut().enumerate().for_each(|(o, db)| {
+        *db = (0..g.n).fold(T::zero(), |acc, s| {
+            acc + sum(&dy[(s * g.o + o) * ohw..][..ohw])
+        });
+    });
+    db
+}
+
+fn check_len<T>(data: &[T], len: usize, what: &str) {
+    assert_eq!(data.len(), len, "conv kernel: {what} has the wrong size");
+}
+
+// ---- im2col + GEMM ----
+
+/// How the batch is split into chunks of samples.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Samples per chunk (the last chunk may have fewer).
+    chunk: usize,
+    /// Number of chunks.
+    chunks: usize,
+    /// Threads of the pool.
+    threads: usize,
+}
+
+impl Plan {
+    fn new(g: &Geometry) -> Plan {
+        let threads = rayon::current_num_threads().max(1);
+        let n = g.n.max(1);
+        let per_sample = g.ohw().max(1);
+
+        let mut chunk = GEMM_COLUMNS
+            .div_ceil(per_sample)
+            .min(MAX_SCRATCH / (g.ck() * per_sample).max(1))
+            .clamp(1, n);
+        if n.div_ceil(chunk) < threads {
+            chunk = n.div_ceil(threads);
+        }
+        Plan {
+            chunk,
+            chunks: n.div_ceil(chunk),
+            threads,
+        }
+    }
+
+    /// Whether chunks run in parallel (else each GEMM uses the pool).
+    fn parallel_chunks(&self) -> bool {
+        self.threads > 1 && self.chunks >= self.threads
+    }
+
+    /// The GEMM's own parallelism when chunks run in parallel or not.
+    fn gemm_par(&self, parallel_chunks: bool) -> Parallelism {
+        if parallel_chunks || self.threads == 1 {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(self.threads)
+        }
+    }
+}
+
+/// Runs `f(first_sample, out_chunk)` on each chunk of `out` (`per_sample` elements per sample),
+/// in parallel when the plan says so; `f` gets the GEMM parallelism to use.
+fn for_each_chunk<T: Float>(
+    out: &mut [T],
+    per_sample: usize,
+    plan: &Plan,
+    f: impl Fn(usize, &mut [T], Parallelism) + Sync,
+) {
+    if out.is_empty() {
+        return;
+    }
+    let step = plan.chunk * per_sample;
+    if plan.parallel_chunks() {
+        let par = plan.gemm_par(true);
+        out.par_chunks_mut(step)
+            .enumerate()
+            .for_each(|(i, o)| f(i * plan.chunk, o, par));
+    } else {
+        let par = plan.gemm_par(false);
+        out.chunks_mut(step)
+            .enumerate()
+            .for_each(|(i, o)| f(i * plan.chunk, o, par));
+    }
+}
+
+/// A matrix operand of [`matmul`]: its elements and (row, column) strides.
+type Mat<'a, T> = (&'a [T], usize, usize);
+
+/// `dst[m×n] = (dst +) lhs[m×k] · rhs[k×n]`, with `gemm`.
+fn matmul<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (&mut [T], usize, usize),
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(extent(m, n, dst_rs, dst_cs) <= dst.len(), "matmul: dst");
+    assert!(extent(m, k, lhs.1, lhs.2) <= lhs.0.len(), "matmul: lhs");
+    assert!(extent(k, n, rhs.1, rhs.2) <= rhs.0.len(), "matmul: rhs");
+    // SAFETY: every element the GEMM reads or writes is inside its slice (checked above), the
+    // strides are non-negative, and `dst` is borrowed mutably so it overlaps neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Unrolls the windows of one sample's group (`x`: `[cg, h, w]` from its start) into `col`:
+/// row `(ci, i, j)` at `col[row · ld ..][.. oh·ow]` holds the input under tap `(i, j)` of
+/// channel `ci` for every output position, zero where it reads padding.
+fn im2col<T: Float>(g: &Geometry, x: &[T], col: &mut [T], ld: usize) {
+    let (hw, ow) = (g.hw(), g.ow);
+    for ci in 0..g.cg() {
+        let xc = &x[ci * hw..][..hw];
+        for i in 0..g.kh {
+            let rows = g.rows(i);
+            for j in 0..g.kw {
+                let cols = g.cols(j);
+                let row = (ci * g.kh + i) * g.kw + j;
+                let dst = &mut col[row * ld..][..g.ohw()];
+                dst[..rows.start * ow].fill(T::zero());
+                dst[rows.end * ow..].fill(T::zero());
+                for oy in rows.clone() {
+                    let d = &mut dst[oy * ow..][..ow];
+                    d[..cols.start].fill(T::zero());
+                    d[cols.end..].fill(T::zero());
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+                    gather(&mut d[cols.clone()], &xc[start..], g.stride.1);
+                }
+            }
+        }
+    }
+}
+
+/// Folds an unrolled gradient back (the transpose of [`im2col`]): adds row `(ci, i, j)` of
+/// `dcol` to the input positions its taps read, in `dx`: `[cg, h, w]` from its start.
+fn col2im<T: Float>(g: &Geometry, dcol: &[T], ld: usize, dx: &mut [T]) {
+    let (hw, ow) = (g.hw(), g.ow);
+    for ci in 0..g.cg() {
+        let dxc = &mut dx[ci * hw..][..hw];
+        for i in 0..g.kh {
+            let rows = g.rows(i);
+            for j in 0..g.kw {
+                let cols = g.cols(j);
+                if cols.is_empty() {
+                    continue;
+                }
+                let row = (ci * g.kh + i) * g.kw + j;
+                let src = &dcol[row * ld..][..g.ohw()];
+                for oy in rows.clone() {
+                    let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+                    scatter_axpy(
+                        &mut dxc[start..],
+                        T::one(),
+                        &src[oy * ow..][cols.clone()],
+                        g.stride.1,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Copies `og` rows of `ohw` elements for each of `bs` samples from `dy` (`[bs, o, ohw]`,
+/// group offset `first` channels in) into `dst`: `[og, bs · ohw]`.
+fn gather_group<T: Float>(g: &Geometry, dy: &[T], first: usize, bs: usize, dst: &mut [T]) {
+    let (og, ohw) = (g.og(), g.ohw());
+    let cols = bs * ohw;
+    for s in 0..bs {
+        for oc in 0..og {
+            dst[oc * cols + s * ohw..][..ohw]
+                .copy_from_slice(&dy[(s * g.o + first + oc) * ohw..][..ohw]);
+        }
+    }
+}
+
+fn forward_gemm<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
+    let plan = Plan::new(g);
+    let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
+    let mut y = vec![T::zero(); g.n * g.o * ohw];
+    for_each_chunk(&mut y, g.o * ohw, &plan, |s0, y, par| {
+        let bs = y.len() / (g.o * ohw);
+        let cols = bs * ohw;
+        let direct = g.pointwise() && bs == 1;
+        let col_len = if direct { 0 } else { ck * cols };
+        let tmp_len = if bs > 1 { og * cols } else { 0 };
+        let x = &x[s0 * g.c * hw..][..bs * g.c * hw];
+        T::with_scratch(col_len + tmp_len, |buf| {
+            let (col, tmp) = buf.split_at_mut(col_len);
+            for grp in 0..g.groups {
+                let wg = &w[grp * og * ck..][..og * ck];
+                let rhs: Mat<'_, T> = if direct {
+                    (&x[grp * cg * hw..], hw, 1)
+                } else {
+                    for s in 0..bs {
+                        im2col(
+                            g,
+                            &x[(s * g.c + grp * cg) * hw..],
+                            &mut col[s * ohw..],
+                            cols,
+                        );
+                    }
+                    (&*col, cols, 1)
+                };
+                let dst: &mut [T] = if bs == 1 {
+                    &mut y[grp * og * ohw..][..og * ohw]
+                } else {
+                    &mut *tmp
+                };
+                if let Some(b) = b {
+                    for (oc, row) in dst.chunks_mut(cols).enumerate() {
+                        row.fill(b[grp * og + oc]);
+                    }
+                }
+                matmul(
+                    (og, cols, ck),
+                    (dst, cols, 1),
+                    (wg, ck, 1),
+                    rhs,
+                    b.is_some(),
+                    par,
+                );
+                if bs > 1 {
+                    for s in 0..bs {
+                        for oc in 0..og {
+                            y[(s * g.o + grp * og + oc) * ohw..][..ohw]
+                                .copy_from_slice(&tmp[oc * cols + s * ohw..][..ohw]);
+                        }
+                    }
+                }
+            }
+        });
+    });
+    y
+}
+
+fn input_grad_gemm<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
+    let plan = Plan::new(g);
+    let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    for_each_chunk(&mut dx, g.c * hw, &plan, |s0, dx, par| {
+        let bs = dx.len() / (g.c * hw);
+        let cols = bs * ohw;
+        let direct = g.pointwise() && bs == 1;
+        let dcol_len = if direct { 0 } else { ck * cols };
+        let tmp_len = if bs > 1 { og * cols } else { 0 };
+        let dy = &dy[s0 * g.o * ohw..][..bs * g.o * ohw];
+        T::with_scratch(dcol_len + tmp_len, |buf| {
+            let (dcol, tmp) = buf.split_at_mut(dcol_len);
+            for grp in 0..g.groups {
+                // Wᵀ of the group: [ck, og].
+                let wt: Mat<'_, T> = (&w[grp * og * ck..][..og * ck], 1, ck);
+                let rhs: Mat<'_, T> = if bs == 1 {
+                    (&dy[grp * og * ohw..][..og * ohw], ohw, 1)
+                } else {
+                    gather_group(g, dy, grp * og, bs, tmp);
+                    (&*tmp, cols, 1)
+                };
+                if direct {
+                    let dst = &mut dx[grp * cg * hw..][..cg * hw];
+                    matmul((ck, cols, og), (dst, hw, 1), wt, rhs, false, par);
+                } else {
+                    matmul((ck, cols, og), (&mut *dcol, cols, 1), wt, rhs, false, par);
+                    for s in 0..bs {
+                        col2im(
+                            g,
+                            &dcol[s * ohw..],
+                            cols,
+                            &mut dx[(s * g.c + grp * cg) * hw..],
+                        );
+                    }
+                }
+            }
+        });
+    });
+    dx
+}
+
+fn weight_grad_gemm<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+    let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
+    if g.n == 0 {
+        return vec![T::zero(); g.o * ck];
+    }
+    let plan = Plan::new(g);
+    // Chunks are dealt to at most `threads` workers, in runs of consecutive chunks; each
+    // worker sums its chunks into a partial gradient, and the partials are added in order.
+    let per_worker = plan.chunks.div_ceil(plan.threads);
+    let workers = plan.chunks.div_ceil(per_worker);
+    let par = plan.gemm_par(workers > 1);
+    let partial = |worker: usize| -> Vec<T> {
+        let mut dw = vec![T::zero(); g.o * ck];
+        let chunks = worker * per_worker..((worker + 1) * per_worker).min(plan.chunks);
+        for chunk in chunks {
+            let s0 = chunk * plan.chunk;
+            let bs = plan.chunk.min(g.n - s0);
+            let cols = bs * ohw;
+            let direct = g.pointwise() && bs == 1;
+            let col_len = if direct { 0 } else { ck * cols };
+            let tmp_len = if bs > 1 { og * cols } else { 0 };
+            let x = &x[s0 * g.c * hw..][..bs * g.c * hw];
+            let dy = &dy[s0 * g.o * ohw..][..bs * g.o * ohw];
+            T::with_scratch(col_len + tmp_len, |buf| {
+                let (col, tmp) = buf.split_at_mut(col_len);
+                for grp in 0..g.groups {
+                    let lhs: Mat<'_, T> = if bs == 1 {
+                        (&dy[grp * og * ohw..][..og * ohw], ohw, 1)
+                    } else {
+                        gather_group(g, dy, grp * og, bs, tmp);
+                        (&*tmp, cols, 1)
+                    };
+                    // colᵀ: [cols, ck].
+                    let rhs: Mat<'_, T> = if direct {
+                        (&x[grp * cg * hw..][..cg * hw], 1, hw)
+                    } else {
+                        for s in 0..bs {
+                            im2col(
+                                g,
+                                &x[(s * g.c + grp * cg) * hw..],
+                                &mut col[s * ohw..],
+                                cols,
+                            );
+                        }
+                        (&*col, 1, cols)
+                    };
+                    let dst = &mut dw[grp * og * ck..][..og * ck];
+                    matmul((og, ck, cols), (dst, ck, 1), lhs, rhs, true, par);
+                }
+            });
+        }
+        dw
+    };
+    let mut parts: Vec<Vec<T>> = if workers > 1 {
+        (0..workers).into_par_iter().map(partial).collect()
+    } else {
+        vec![partial(0)]
+    };
+    let mut dw = parts.swap_remove(0);
+    for p in &parts {
+        add(&mut dw, p);
+    }
+    dw
+}
+
+// ---- direct loops, one input channel per group ----
+
+fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
+    assert_eq!(
+        g.cg(),
+        1,
+        "direct convolution needs one input channel per group"
+    );
+    let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
+    let mut y = vec![T::zero(); g.n * g.o * ohw];
+    if ohw == 0 {
+        return y;
+    }
+    y.par_chunks_mut(ohw).enumerate().for_each(|(plane, yp)| {
+        let (s, o) = (plane / g.o, plane % g.o);
+        let xp = &x[(s * g.c + o / og) * hw..][..hw];
+        let wo = &w[o * kk..][..kk];
+        if let Some(b) = b {
+            yp.fill(b[o]);
+        }
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let cols = g.cols(j);
+                if cols.is_empty() {
+                    continue;
+                }
+                let wt = wo[i * g.kw + j];
+                for oy in g.rows(i) {
+                    let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+                    let dst = &mut yp[oy * g.ow..][cols.clone()];
+                    axpy_strided(dst, wt, &xp[start..], g.stride.1);
+                }
+            }
+        }
+    });
+    y
+}
+
+fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
+    assert_eq!(
+        g.cg(),
+        1,
+        "direct convolution needs one input channel per group"
+    );
+    let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    if hw == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
+        let (s, ci) = (plane / g.c, plane % g.c);
+        for o in ci * og..(ci + 1) * og {
+            let dyp = &dy[(s * g.o + o) * ohw..][..ohw];
+            let wo = &w[o * kk..][..kk];
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let cols = g.cols(j);
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let wt = wo[i * g.kw + j];
+                    for oy in g.rows(i) {
+                        let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+                        let src = &dyp[oy * g.ow..][cols.clone()];
+                        scatter_axpy(&mut dxp[start..], wt, src, g.stride.1);
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+fn weight_grad_direct<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+    assert_eq!(
+        g.cg(),
+        1,
+        "direct convolution needs one input channel per group"
+    );
+    let (og, hw, ohw, kk, ow) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw, g.ow);
+    let mut dw = vec![T::zero(); g.o * kk];
+    dw.par_chunks_mut(kk).enumerate().for_each(|(o, dwo)| {
+        // One running product row per tap, summed at the end: the inner loop is elementwise
+        // (it vectorises) and the order of the sums is fixed.
+        T::with_scratch(kk * ow, |acc| {
+            acc.fill(T::zero());
+            for s in 0..g.n {
+                let xp = &x[(s * g.c + o / og) * hw..][..hw];
+                let dyp = &dy[(s * g.o + o) * ohw..][..ohw];
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let cols = g.cols(j);
+                        if cols.is_empty() {
+                            continue;
+                        }
+                        let row = &mut acc[(i * g.kw + j) * ow..][cols.clone()];
+                        for oy in g.rows(i) {
+                            let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+                            let d = &dyp[oy * ow..][cols.clone()];
+                            mul_add_strided(row, d, &xp[start..], g.stride.1);
+                        }
+                    }
+                }
+            }
+            for (t, dwt) in dwo.iter_mut().enumerate() {
+                *dwt = sum(&acc[t * ow..][..ow]);
+            }
+        });
+    });
+    dw
+}
+
+// ---- vector helpers ----
+
+/// `dst[t] = src[t · stride]`.
+#[inline]
+fn gather<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
+    if stride == 1 {
+        dst.copy_from_slice(&src[..dst.len()]);
+    } else {
+        for (t, d) in dst.iter_mut().enumerate() {
+            *d = src[t * stride];
+        }
+    }
+}
+
+/// `dst[t] += a · src[t · stride]`.
+#[inline]
+fn axpy_strided<T: Float>(dst: &mut [T], a: T, src: &[T], stride: usize) {
+    if stride == 1 {
+        let src = &src[..dst.len()];
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += a * v;
+        }
+    } else {
+        for (t, d) in dst.iter_mut().enumerate() {
+            *d += a * src[t * stride];
+        }
+    }
+}
+
+/// `dst[t · stride] += a · src[t]`.
+#[inline]
+fn scatter_axpy<T: Float>(dst: &mut [T], a: T, src: &[T], stride: usize) {
+    if stride == 1 {
+        for (d, &v) in dst[..src.len()].iter_mut().zip(src) {
+            *d += a * v;
+        }
+    } else {
+        for (t, &v) in src.iter().enumerate() {
+            dst[t * stride] += a * v;
+        }
+    }
+}
+
+/// `acc[t] += a[t] · b[t · stride]`.
+#[inline]
+fn mul_add_strided<T: Float>(acc: &mut [T], a: &[T], b: &[T], stride: usize) {
+    if stride == 1 {
+        for ((r, &u), &v) in acc.iter_mut().zip(a).zip(&b[..a.len()]) {
+            *r += u * v;
+        }
+    } else {
+        for ((t, r), &u) in acc.iter_mut().enumerate().zip(a) {
+            *r += u * b[t * stride];
+        }
+    }
+}
+
+/// `dst += src`, elementwise.
+fn add<T: Float>(dst: &mut [T], src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lower::gradcheck::random;
+
+    fn data(dims: &[usize], seed: u64) -> Vec<f64> {
+        random(dims, seed).flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn taps_are_the_positions_that_read_the_input() {
+        for (out, len, stride, offset, pad) in [
+            (5, 5, 1, 0, 1),
+            (5, 5, 1, 2, 1),
+            (4, 7, 2, 0, 1),
+            (3, 7, 3, 4, 1),
+            (4, 4, 1, 6, 3),
+            (6, 6, 1, 4, 2),
+        ] {
+            let r = taps(out, len, stride, offset, pad);
+            let expected: Vec<usize> = (0..out)
+                .filter(|p| {
+                    (0..len as isize).contains(&((p * stride + offset) as isize - pad as isize))
+                })
+                .collect();
+            assert_eq!(
+                r.collect::<Vec<_>>(),
+                expected,
+                "{out} {len} {stride} {offset} {pad}"
+            );
+        }
+    }
+
+    #[test]
+    fn direct_and_gemm_agree_with_one_input_channel_per_group() {
+        let cfg =
+            |out, k: (u64, u64), s: (u64, u64), p: (u64, u64), d: (u64, u64), groups| Conv2d {
+                out,
+                kernel: k,
+                stride: s,
+                pad: p,
+                dilation: d,
+                groups,
+                bias: true,
+            };
+        for (c, x) in [
+            (cfg(8, (3, 3), (1, 1), (1, 1), (1, 1), 8), [3, 8, 9, 7]),
+            (cfg(8, (3, 3), (2, 2), (1, 1), (1, 1), 4), [2, 4, 9, 8]),
+            (cfg(6, (5, 5), (1, 1), (2, 2), (1, 1), 1), [4, 1, 12, 10]),
+            (cfg(4, (3, 2), (2, 3), (2, 0), (2, 1), 2), [2, 2, 11, 13]),
+        ] {
+            let w = [c.out as usize, 1, c.kernel.0 as usize, c.kernel.1 as usize];
+            let g = Geometry::new(&c, &x, &w).unwrap();
+            let (xs, ws, bs) = (data(&x, 1), data(&w, 2), data(&[g.o], 3));
+            let dy = data(&[g.n, g.o, g.oh, g.ow], 4);
+            let [a, b] = [Algorithm::Direct, Algorithm::Gemm];
+            let d = max_diff(
+                &forward(&g, a, &xs, &ws, Some(&bs)),
+                &forward(&g, b, &xs, &ws, Some(&bs)),
+            );
+            assert!(d < 1e-13, "forward {c:?}: {d}");
+            let d = max_diff(&input_grad(&g, a, &dy, &ws), &input_grad(&g, b, &dy, &ws));
+            assert!(d < 1e-13, "input gradient {c:?}: {d}");
+            let d = max_diff(&weight_grad(&g, a, &xs, &dy), &weight_grad(&g, b, &xs, &dy));
+            assert!(d < 1e-12, "weight gradient {c:?}: {d}");
+        }
+    }
+}

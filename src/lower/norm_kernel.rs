@@ -1,0 +1,187 @@
+//! CPU kernels of training-mode batch normalisation on contiguous `[N, C, S]` data (`S` is
+//! the product of the dims after the channel axis), f32 and f64.
+//!
+//! Each step is one or two passes over the data, parallel over channels (reductions) or over
+//! `[S]` rows (elementwise), with the per-channel numbers in f64:
+//! - statistics: the mean, then the biased variance around it (two passes, as exact as the
+//!   composed version);
+//! - forward: `y = (x − mean) · (w · inv_std) + b`;
+//! - backward sums: `Σ dy` and `Σ dy · (x − mean)` per channel, which give the bias and weight
+//!   gradients;
+//! - input gradient: `dx = a · dy + b · (x − mean) + d` with per-channel coefficients made from
+//!   those sums (see [`input_grad_coefficients`]).
+
+use rayon::prelude::*;
+
+use super::kernel::{Float, sum, sum_zip};
+
+/// The extent of one batch-norm call: `n` samples, `c` channels, `s` elements per channel and
+/// sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Extent {
+    /// Batch size.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Elements per channel and sample.
+    pub s: usize,
+}
+
+impl Extent {
+    /// The extent of a tensor of `dims` (`[N, C, ...]`); `None` below rank 2.
+    pub fn of(dims: &[usize]) -> Option<Self> {
+        match dims {
+            [n, c, rest @ ..] => Some(Extent {
+                n: *n,
+                c: *c,
+                s: rest.iter().product(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Elements per channel over the batch.
+    pub fn count(&self) -> usize {
+        self.n * self.s
+    }
+
+    fn len(&self) -> usize {
+        self.n * self.c * self.s
+    }
+
+    /// Row `(i, ch)` of `data`: the `s` elements of channel `ch` in sample `i`.
+    fn row<'a, T>(&self, data: &'a [T], i: usize, ch: usize) -> &'a [T] {
+        &data[(i * self.c + ch) * self.s..][..self.s]
+    }
+}
+
+/// Per-channel numbers (`[c]`, f64).
+pub(crate) type PerChannel = Vec<f64>;
+
+/// The batch mean and biased variance of every channel.
+pub(crate) fn stats<T: Float>(e: &Extent, x: &[T]) -> (PerChannel, PerChannel) {
+    assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
+    let count = e.count().max(1) as f64;
+    (0..e.c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = (0..e.n).map(|i| sum(e.row(x, i, ch)).to_f64()).sum::<f64>() / count;
+            let m = T::from_f64(mean);
+            let var = (0..e.n)
+                .map(|i| {
+                    {
+                        let r = e.row(x, i, ch);
+                        sum_zip(r, r, |v, _| (v - m) * (v - m))
+                    }
+                    .to_f64()
+                })
+                .sum::<f64>()
+                / count;
+            (mean, var)
+        })
+        .unzip()
+}
+
+/// `y = (x − mean) · scale + shift` per channel.
+pub(crate) fn normalize<T: Float>(
+    e: &Extent,
+    x: &[T],
+    mean: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+) -> Vec<T> {
+    assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
+    let mut y = vec![T::zero(); e.len()];
+    if e.s == 0 {
+        return y;
+    }
+    y.par_chunks_mut(e.s).enumerate().for_each(|(r, yr)| {
+        let ch = r % e.c;
+        let (m, a, b) = (
+            T::from_f64(mean[ch]),
+            T::from_f64(scale[ch]),
+            T::from_f64(shift[ch]),
+        );
+        let xr = &x[r * e.s..][..e.s];
+        for (y, &v) in yr.iter_mut().zip(xr) {
+            *y = (v - m) * a + b;
+        }
+    });
+    y
+}
+
+/// Per channel, `Σ dy` and `Σ dy · (x − mean)`.
+pub(crate) fn grad_sums<T: Float>(
+    e: &Extent,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+) -> (PerChannel, PerChannel) {
+    assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
+    assert_eq!(dy.len(), e.len(), "batch norm: gradient has the wrong size");
+    (0..e.c)
+        .into_par_iter()
+        .map(|ch| {
+            let m = T::from_f64(mean[ch]);
+            (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
+                let (xr, dr) = (e.row(x, i, ch), e.row(dy, i, ch));
+                (
+                    sdy + sum(dr).to_f64(),
+                    sdyx + sum_zip(dr, xr, |d, v| d * (v - m)).to_f64(),
+                )
+            })
+        })
+        .unzip()
+}
+
+/// The coefficients `(a, b, d)` of `dx = a · dy + b · (x − mean) + d`, per channel, from the
+/// weight, the inverse standard deviation, `Σ dy` and `Σ dy · x̂` over the `count` elements of
+/// a channel: `dx = w · inv_std · (dy − Σdy / M − x̂ · Σ(dy · x̂) / M)` with
+/// `x̂ = (x − mean) · inv_std`.
+pub(crate) fn input_grad_coefficients(
+    count: usize,
+    weight: &[f64],
+    inv_std: &[f64],
+    sum_dy: &[f64],
+    sum_dy_xhat: &[f64],
+) -> (PerChannel, PerChannel, PerChannel) {
+    let m = count.max(1) as f64;
+    let mut coef = (Vec::new(), Vec::new(), Vec::new());
+    for ch in 0..weight.len() {
+        let a = weight[ch] * inv_std[ch];
+        coef.0.push(a);
+        coef.1.push(-a * inv_std[ch] * sum_dy_xhat[ch] / m);
+        coef.2.push(-a * sum_dy[ch] / m);
+    }
+    coef
+}
+
+/// `dx = a · dy + b · (x − mean) + d` per channel.
+pub(crate) fn input_grad<T: Float>(
+    e: &Extent,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+    (a, b, d): (&[f64], &[f64], &[f64]),
+) -> Vec<T> {
+    assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
+    assert_eq!(dy.len(), e.len(), "batch norm: gradient has the wrong size");
+    let mut dx = vec![T::zero(); e.len()];
+    if e.s == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(e.s).enumerate().for_each(|(r, dxr)| {
+        let ch = r % e.c;
+        let (m, a, b, d) = (
+            T::from_f64(mean[ch]),
+            T::from_f64(a[ch]),
+            T::from_f64(b[ch]),
+            T::from_f64(d[ch]),
+        );
+        let (xr, dr) = (&x[r * e.s..][..e.s], &dy[r * e.s..][..e.s]);
+        for ((g, &v), &u) in dxr.iter_mut().zip(xr).zip(dr) {
+            *g = a * u + b * (v - m) + d;
+        }
+    });
+    dx
+}
