@@ -11,6 +11,9 @@ pub(crate) trait Float: WithDType {
     /// thread's buffer is reused from call to call (it keeps its largest size); a nested call
     /// on the same thread gets a fresh allocation.
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
+    /// `e^self`.
+    fn exp(self) -> Self;
 }
 
 macro_rules! float {
@@ -29,6 +32,11 @@ macro_rules! float {
                     }
                     Err(_) => f(&mut vec![0.0; len]),
                 })
+            }
+
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
             }
         }
     };

@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::kernel::{Float, sum, sum_zip};
+use super::kernel::{Float, sum, sum_zip, vectorized};
 
 /// The extent of one batch-norm call: `n` samples, `c` channels, `s` elements per channel and
 /// sample.
@@ -65,19 +65,21 @@ pub(crate) fn stats<T: Float>(e: &Extent, x: &[T]) -> (PerChannel, PerChannel) {
     (0..e.c)
         .into_par_iter()
         .map(|ch| {
-            let mean = (0..e.n).map(|i| sum(e.row(x, i, ch)).to_f64()).sum::<f64>() / count;
-            let m = T::from_f64(mean);
-            let var = (0..e.n)
-                .map(|i| {
-                    {
-                        let r = e.row(x, i, ch);
-                        sum_zip(r, r, |v, _| (v - m) * (v - m))
-                    }
-                    .to_f64()
-                })
-                .sum::<f64>()
-                / count;
-            (mean, var)
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mean = (0..e.n).map(|i| sum(e.row(x, i, ch)).to_f64()).sum::<f64>() / count;
+                    let m = T::from_f64(mean);
+                    let var = (0..e.n)
+                        .map(|i| {
+                            let r = e.row(x, i, ch);
+                            sum_zip(r, r, |v, _| (v - m) * (v - m)).to_f64()
+                        })
+                        .sum::<f64>()
+                        / count;
+                    (mean, var)
+                },
+            )
         })
         .unzip()
 }
@@ -96,16 +98,21 @@ pub(crate) fn normalize<T: Float>(
         return y;
     }
     y.par_chunks_mut(e.s).enumerate().for_each(|(r, yr)| {
-        let ch = r % e.c;
-        let (m, a, b) = (
-            T::from_f64(mean[ch]),
-            T::from_f64(scale[ch]),
-            T::from_f64(shift[ch]),
-        );
-        let xr = &x[r * e.s..][..e.s];
-        for (y, &v) in yr.iter_mut().zip(xr) {
-            *y = (v - m) * a + b;
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let ch = r % e.c;
+                let (m, a, b) = (
+                    T::from_f64(mean[ch]),
+                    T::from_f64(scale[ch]),
+                    T::from_f64(shift[ch]),
+                );
+                let xr = &x[r * e.s..][..e.s];
+                for (y, &v) in yr.iter_mut().zip(xr) {
+                    *y = (v - m) * a + b;
+                }
+            },
+        )
     });
     y
 }
@@ -122,14 +129,19 @@ pub(crate) fn grad_sums<T: Float>(
     (0..e.c)
         .into_par_iter()
         .map(|ch| {
-            let m = T::from_f64(mean[ch]);
-            (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
-                let (xr, dr) = (e.row(x, i, ch), e.row(dy, i, ch));
-                (
-                    sdy + sum(dr).to_f64(),
-                    sdyx + sum_zip(dr, xr, |d, v| d * (v - m)).to_f64(),
-                )
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    let m = T::from_f64(mean[ch]);
+                    (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
+                        let (xr, dr) = (e.row(x, i, ch), e.row(dy, i, ch));
+                        (
+                            sdy + sum(dr).to_f64(),
+                            sdyx + sum_zip(dr, xr, |d, v| d * (v - m)).to_f64(),
+                        )
+                    })
+                },
+            )
         })
         .unzip()
 }
@@ -171,17 +183,22 @@ pub(crate) fn input_grad<T: Float>(
         return dx;
     }
     dx.par_chunks_mut(e.s).enumerate().for_each(|(r, dxr)| {
-        let ch = r % e.c;
-        let (m, a, b, d) = (
-            T::from_f64(mean[ch]),
-            T::from_f64(a[ch]),
-            T::from_f64(b[ch]),
-            T::from_f64(d[ch]),
-        );
-        let (xr, dr) = (&x[r * e.s..][..e.s], &dy[r * e.s..][..e.s]);
-        for ((g, &v), &u) in dxr.iter_mut().zip(xr).zip(dr) {
-            *g = a * u + b * (v - m) + d;
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let ch = r % e.c;
+                let (m, a, b, d) = (
+                    T::from_f64(mean[ch]),
+                    T::from_f64(a[ch]),
+                    T::from_f64(b[ch]),
+                    T::from_f64(d[ch]),
+                );
+                let (xr, dr) = (&x[r * e.s..][..e.s], &dy[r * e.s..][..e.s]);
+                for ((g, &v), &u) in dxr.iter_mut().zip(xr).zip(dr) {
+                    *g = a * u + b * (v - m) + d;
+                }
+            },
+        )
     });
     dx
 }
