@@ -634,10 +634,21 @@ impl DlcTrainer {
                     )?
                     .0),
                     Op::Add => xs[1..].iter().try_fold(x.clone(), |acc, t| acc + t),
+                    // Timed as the identity: the mask multiply is not part of the profile.
+                    Op::Dropout(_) => Ok(x.clone()),
                     _ => candle_core::bail!("unsupported"),
                 }
             };
+            let in_channels = ins
+                .first()
+                .map_or(0, |(t, _)| t.dims().get(1).copied().unwrap_or(0));
             let kind = match &node.op {
+                Op::Conv(c) if c.groups > 1 && c.groups as usize == in_channels => {
+                    format!("conv {}×{} depthwise", c.kernel.0, c.kernel.1)
+                }
+                Op::Conv(c) if c.groups > 1 => {
+                    format!("conv {}×{} grouped", c.kernel.0, c.kernel.1)
+                }
                 Op::Conv(c) => format!("conv {}×{}", c.kernel.0, c.kernel.1),
                 Op::Activation(a) => format!("{a:?}").to_lowercase(),
                 Op::Pool(p) => p.name().to_string(),
@@ -676,12 +687,25 @@ impl DlcTrainer {
                 out = Some(y.detach());
             }
             let out = out.expect("reps ran");
+            // Multiply-adds of the GEMM-like ops; the backward computes one such product per
+            // gradient: the weight's, and the input's unless the input is the network's.
+            let macs = match &node.op {
+                Op::Conv(c) => Some(
+                    out.elem_count() as f64
+                        * (in_channels / c.groups as usize) as f64
+                        * (c.kernel.0 * c.kernel.1) as f64,
+                ),
+                Op::Linear(_) => Some(out.elem_count() as f64 * x_features(&args[0]) as f64),
+                _ => None,
+            };
+            let input_grad = !ins.first().is_some_and(|(_, is_input)| *is_input);
             rows.push(LayerRow {
                 name,
                 op: kind,
                 shape: format!("{:?}", out.dims()),
                 forward: median(&fwd),
                 backward: median(&bwd),
+                flops: macs.map(|m| (2.0 * m, 2.0 * m * if input_grad { 2.0 } else { 1.0 })),
             });
             values[idx.index()] = Some((out, false));
         }
@@ -708,6 +732,7 @@ impl DlcTrainer {
             shape: "[]".into(),
             forward: median(&fwd),
             backward: median(&bwd),
+            flops: None,
         });
         Ok(Some(rows))
     }
@@ -720,6 +745,14 @@ struct LayerRow {
     shape: String,
     forward: f64,
     backward: f64,
+    /// Floating-point operations of the forward and the backward pass (convolutions and
+    /// linear layers).
+    flops: Option<(f64, f64)>,
+}
+
+/// The last dim of a linear layer's input.
+fn x_features(x: &Tensor) -> usize {
+    x.dims().last().copied().unwrap_or(0)
 }
 
 impl Trainer for DlcTrainer {
@@ -1455,23 +1488,33 @@ fn main() -> Result<()> {
              backward from that op's output; sum over layers {total:.1} ms.",
             net.title()
         );
-        let mut by_op: Vec<(String, usize, f64, f64)> = Vec::new();
+        // op, layers, forward ms, backward ms, forward and backward FLOPs.
+        let mut by_op: Vec<(String, usize, f64, f64, Option<(f64, f64)>)> = Vec::new();
         for l in layers {
             match by_op.iter_mut().find(|o| o.0 == l.op) {
                 Some(o) => {
                     o.1 += 1;
                     o.2 += l.forward;
                     o.3 += l.backward;
+                    o.4 = o.4.zip(l.flops).map(|(a, b)| (a.0 + b.0, a.1 + b.1));
                 }
-                None => by_op.push((l.op.clone(), 1, l.forward, l.backward)),
+                None => by_op.push((l.op.clone(), 1, l.forward, l.backward, l.flops)),
             }
         }
         by_op.sort_by(|a, b| (b.2 + b.3).total_cmp(&(a.2 + a.3)));
         println!();
-        println!("| op | layers | forward ms | backward ms | share of sum |");
-        println!("|---|---:|---:|---:|---:|");
-        for (op, n, f, b) in &by_op {
-            println!("| {op} | {n} | {f:.1} | {b:.1} | {:.1}% |", share(f + b));
+        println!(
+            "| op | layers | forward ms | backward ms | share of sum | GFLOP/s forward / backward |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (op, n, f, b, flops) in &by_op {
+            let rate = flops.map_or("–".to_string(), |(ff, fb)| {
+                format!("{:.1} / {:.1}", ff / f / 1e6, fb / b / 1e6)
+            });
+            println!(
+                "| {op} | {n} | {f:.1} | {b:.1} | {:.1}% | {rate} |",
+                share(f + b)
+            );
         }
         let mut top: Vec<&LayerRow> = layers.iter().collect();
         top.sort_by(|a, b| (b.forward + b.backward).total_cmp(&(a.forward + a.backward)));

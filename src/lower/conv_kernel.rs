@@ -9,9 +9,10 @@
 //!   (folded back by col2im), or the weight gradient. A pointwise convolution (1×1, stride 1, no
 //!   padding) of one sample reads the input itself as that matrix. Chunks hold enough samples
 //!   for [`GEMM_COLUMNS`] columns, so that layers with small images still make wide GEMMs.
-//! - **Direct loops** when every group has one input channel (depthwise convolution, or a
-//!   single-channel image like LeNet's): the GEMM would have a single row per group, so each
-//!   output plane is a sum of shifted, scaled input rows instead.
+//! - **Direct loops** for depthwise convolution (one input channel per group, several groups),
+//!   where each group's GEMM would have a single row: each output plane is a sum of shifted,
+//!   scaled copies of its input plane, split by the stride into phase planes so that every
+//!   kernel tap is one long vector operation (see [`Phases`]).
 //!
 //! Threads: rayon's global pool, the one candle's CPU kernels and `gemm` use, sized by
 //! `RAYON_NUM_THREADS` (which the CLI's `--threads` sets). The batch is split into chunks; when
@@ -25,7 +26,7 @@ use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernel::{Float, sum};
+use super::kernel::{Float, sum, sum_zip, vectorized};
 use crate::ops::conv::{Conv2d, window_out};
 
 /// GEMM width (output positions) a chunk of samples aims for: narrower GEMMs run far below
@@ -634,7 +635,128 @@ fn weight_grad_gemm<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     dw
 }
 
-// ---- direct loops, one input channel per group ----
+// ---- depthwise: direct loops over polyphase planes ----
+//
+// A depthwise group has one input channel, so its "GEMM" would have a single row. Instead each
+// input plane is padded and split by the stride into `sh · sw` phase planes,
+// `phase(a, b)[u][v] = padded[u·sh + a][v·sw + b]`, of `HP × WP` elements. Tap `(i, j)` of
+// output `(oy, ox)` reads `padded[oy·sh + i·dh][ox·sw + j·dw]`, which is element
+// `(oy + i·dh / sh, ox + j·dw / sw)` of phase `(i·dh % sh, j·dw % sw)`. With the output laid
+// out at the same pitch `WP` (columns from `ow` on are slack), every tap is then one long
+// `axpy` or dot product over the whole plane, with no bounds inside the loop.
+
+/// The polyphase layout of one geometry's planes.
+#[derive(Clone, Copy, Debug)]
+struct Phases {
+    /// Rows and columns of one phase plane.
+    hp: usize,
+    wp: usize,
+    /// Elements of an output plane at pitch `wp` up to its last real element:
+    /// `(oh − 1) · wp + ow`.
+    span: usize,
+}
+
+impl Phases {
+    fn new(g: &Geometry) -> Phases {
+        let (sh, sw) = g.stride;
+        let hp = (g.h + 2 * g.pad.0).div_ceil(sh);
+        let wp = (g.w + 2 * g.pad.1).div_ceil(sw);
+        let span = if g.oh == 0 || g.ow == 0 {
+            0
+        } else {
+            (g.oh - 1) * wp + g.ow
+        };
+        Phases { hp, wp, span }
+    }
+
+    /// Elements of all phase planes of one input plane.
+    fn len(&self, g: &Geometry) -> usize {
+        g.stride.0 * g.stride.1 * self.hp * self.wp
+    }
+
+    /// Where tap `(i, j)` starts in the phase planes of one input plane.
+    #[inline(always)]
+    fn tap(&self, g: &Geometry, i: usize, j: usize) -> usize {
+        let (di, dj) = (i * g.dilation.0, j * g.dilation.1);
+        let phase = (di % g.stride.0) * g.stride.1 + dj % g.stride.1;
+        phase * self.hp * self.wp + (di / g.stride.0) * self.wp + dj / g.stride.1
+    }
+
+    /// For phase `(a, b)`: its rows `u` and columns `v` that hold input elements, not
+    /// padding, and the input row and column of `(u, v)`.
+    fn real(&self, g: &Geometry, a: usize, b: usize) -> (Range<usize>, Range<usize>) {
+        (
+            taps(self.hp, g.h, g.stride.0, a, g.pad.0),
+            taps(self.wp, g.w, g.stride.1, b, g.pad.1),
+        )
+    }
+
+    /// Splits the input plane `x` (`[h, w]`) into `phases`.
+    #[inline(always)]
+    fn split<T: Float>(&self, g: &Geometry, x: &[T], phases: &mut [T]) {
+        let (sh, sw) = g.stride;
+        for a in 0..sh {
+            for b in 0..sw {
+                let plane = &mut phases[(a * sw + b) * self.hp * self.wp..][..self.hp * self.wp];
+                let (rows, cols) = self.real(g, a, b);
+                plane[..rows.start * self.wp].fill(T::zero());
+                plane[rows.end * self.wp..].fill(T::zero());
+                for u in rows {
+                    let row = &mut plane[u * self.wp..][..self.wp];
+                    row[..cols.start].fill(T::zero());
+                    row[cols.end..].fill(T::zero());
+                    if !cols.is_empty() {
+                        let iy = u * sh + a - g.pad.0;
+                        let ix = cols.start * sw + b - g.pad.1;
+                        gather(&mut row[cols.clone()], &x[iy * g.w + ix..], sw);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the input-plane elements of `phases` into `dx` (`[h, w]`), the inverse of
+    /// [`Self::split`].
+    #[inline(always)]
+    fn merge<T: Float>(&self, g: &Geometry, phases: &[T], dx: &mut [T]) {
+        let (sh, sw) = g.stride;
+        for a in 0..sh {
+            for b in 0..sw {
+                let plane = &phases[(a * sw + b) * self.hp * self.wp..][..self.hp * self.wp];
+                let (rows, cols) = self.real(g, a, b);
+                if cols.is_empty() {
+                    continue;
+                }
+                for u in rows {
+                    let iy = u * sh + a - g.pad.0;
+                    let ix = cols.start * sw + b - g.pad.1;
+                    let src = &plane[u * self.wp..][cols.clone()];
+                    scatter(&mut dx[iy * g.w + ix..], src, sw);
+                }
+            }
+        }
+    }
+
+    /// Copies the output plane `dy` (`[oh, ow]`) to pitch `wp`, slack columns zero.
+    #[inline(always)]
+    fn widen<T: Float>(&self, g: &Geometry, dy: &[T], wide: &mut [T]) {
+        for oy in 0..g.oh {
+            let row = &mut wide[oy * self.wp..];
+            row[..g.ow].copy_from_slice(&dy[oy * g.ow..][..g.ow]);
+            if oy + 1 < g.oh {
+                row[g.ow..self.wp].fill(T::zero());
+            }
+        }
+    }
+
+    /// Copies the real columns of an output plane at pitch `wp` into `y` (`[oh, ow]`).
+    #[inline(always)]
+    fn narrow<T: Float>(&self, g: &Geometry, wide: &[T], y: &mut [T]) {
+        for oy in 0..g.oh {
+            y[oy * g.ow..][..g.ow].copy_from_slice(&wide[oy * self.wp..][..g.ow]);
+        }
+    }
+}
 
 fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
     assert_eq!(
@@ -643,32 +765,37 @@ fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> 
         "direct convolution needs one input channel per group"
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
+    let p = Phases::new(g);
     let mut y = vec![T::zero(); g.n * g.o * ohw];
     if ohw == 0 {
         return y;
     }
-    y.par_chunks_mut(ohw).enumerate().for_each(|(plane, yp)| {
-        let (s, o) = (plane / g.o, plane % g.o);
-        let xp = &x[(s * g.c + o / og) * hw..][..hw];
-        let wo = &w[o * kk..][..kk];
-        if let Some(b) = b {
-            yp.fill(b[o]);
-        }
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let cols = g.cols(j);
-                if cols.is_empty() {
-                    continue;
-                }
-                let wt = wo[i * g.kw + j];
-                for oy in g.rows(i) {
-                    let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
-                    let dst = &mut yp[oy * g.ow..][cols.clone()];
-                    axpy_strided(dst, wt, &xp[start..], g.stride.1);
-                }
-            }
-        }
-    });
+    // One task per input plane `(s, ci)`: its `og` output planes are consecutive in `y`.
+    y.par_chunks_mut(og * ohw)
+        .enumerate()
+        .for_each(|(plane, ys)| {
+            let phase_len = p.len(g);
+            T::with_scratch(phase_len + p.span, |buf| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (phases, wide) = buf.split_at_mut(phase_len);
+                        p.split(g, &x[plane * hw..][..hw], phases);
+                        for (k, yp) in ys.chunks_mut(ohw).enumerate() {
+                            let o = (plane % g.c) * og + k;
+                            wide.fill(b.map_or(T::zero(), |b| b[o]));
+                            for i in 0..g.kh {
+                                for j in 0..g.kw {
+                                    let src = &phases[p.tap(g, i, j)..][..p.span];
+                                    axpy(wide, w[o * kk + i * g.kw + j], src);
+                                }
+                            }
+                            p.narrow(g, wide, yp);
+                        }
+                    },
+                )
+            });
+        });
     y
 }
 
@@ -679,30 +806,33 @@ fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
         "direct convolution needs one input channel per group"
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
+    let p = Phases::new(g);
     let mut dx = vec![T::zero(); g.n * g.c * hw];
     if hw == 0 {
         return dx;
     }
     dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
-        let (s, ci) = (plane / g.c, plane % g.c);
-        for o in ci * og..(ci + 1) * og {
-            let dyp = &dy[(s * g.o + o) * ohw..][..ohw];
-            let wo = &w[o * kk..][..kk];
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let cols = g.cols(j);
-                    if cols.is_empty() {
-                        continue;
+        let phase_len = p.len(g);
+        T::with_scratch(phase_len + p.span, |buf| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (phases, wide) = buf.split_at_mut(phase_len);
+                    phases.fill(T::zero());
+                    let (s, ci) = (plane / g.c, plane % g.c);
+                    for o in ci * og..(ci + 1) * og {
+                        p.widen(g, &dy[(s * g.o + o) * ohw..][..ohw], wide);
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let dst = &mut phases[p.tap(g, i, j)..][..p.span];
+                                axpy(dst, w[o * kk + i * g.kw + j], wide);
+                            }
+                        }
                     }
-                    let wt = wo[i * g.kw + j];
-                    for oy in g.rows(i) {
-                        let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
-                        let src = &dyp[oy * g.ow..][cols.clone()];
-                        scatter_axpy(&mut dxp[start..], wt, src, g.stride.1);
-                    }
-                }
-            }
-        }
+                    p.merge(g, phases, dxp);
+                },
+            )
+        });
     });
     dx
 }
@@ -713,97 +843,93 @@ fn weight_grad_direct<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
         1,
         "direct convolution needs one input channel per group"
     );
-    let (og, hw, ohw, kk, ow) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw, g.ow);
+    let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
+    let p = Phases::new(g);
     let mut dw = vec![T::zero(); g.o * kk];
-    dw.par_chunks_mut(kk).enumerate().for_each(|(o, dwo)| {
-        // One running product row per tap, summed at the end: the inner loop is elementwise
-        // (it vectorises) and the order of the sums is fixed.
-        T::with_scratch(kk * ow, |acc| {
-            acc.fill(T::zero());
-            for s in 0..g.n {
-                let xp = &x[(s * g.c + o / og) * hw..][..hw];
-                let dyp = &dy[(s * g.o + o) * ohw..][..ohw];
-                for i in 0..g.kh {
-                    for j in 0..g.kw {
-                        let cols = g.cols(j);
-                        if cols.is_empty() {
-                            continue;
+    // One task per input channel: the weights of its `og` outputs are consecutive.
+    dw.par_chunks_mut(og * kk)
+        .enumerate()
+        .for_each(|(ci, dws)| {
+            let phase_len = p.len(g);
+            T::with_scratch(phase_len + p.span, |buf| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (phases, wide) = buf.split_at_mut(phase_len);
+                        for s in 0..g.n {
+                            p.split(g, &x[(s * g.c + ci) * hw..][..hw], phases);
+                            for (k, dwo) in dws.chunks_mut(kk).enumerate() {
+                                let o = ci * og + k;
+                                p.widen(g, &dy[(s * g.o + o) * ohw..][..ohw], wide);
+                                for i in 0..g.kh {
+                                    for j in 0..g.kw {
+                                        let src = &phases[p.tap(g, i, j)..][..p.span];
+                                        dwo[i * g.kw + j] += sum_zip(wide, src, |d, v| d * v);
+                                    }
+                                }
+                            }
                         }
-                        let row = &mut acc[(i * g.kw + j) * ow..][cols.clone()];
-                        for oy in g.rows(i) {
-                            let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
-                            let d = &dyp[oy * ow..][cols.clone()];
-                            mul_add_strided(row, d, &xp[start..], g.stride.1);
-                        }
-                    }
-                }
-            }
-            for (t, dwt) in dwo.iter_mut().enumerate() {
-                *dwt = sum(&acc[t * ow..][..ow]);
-            }
+                    },
+                )
+            });
         });
-    });
     dw
 }
 
 // ---- vector helpers ----
 
 /// `dst[t] = src[t · stride]`.
-#[inline]
+#[inline(always)]
 fn gather<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
     if stride == 1 {
         dst.copy_from_slice(&src[..dst.len()]);
     } else {
-        for (t, d) in dst.iter_mut().enumerate() {
-            *d = src[t * stride];
+        assert!(dst.is_empty() || (dst.len() - 1) * stride < src.len());
+        for (d, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+            *d = v;
         }
     }
 }
 
-/// `dst[t] += a · src[t · stride]`.
-#[inline]
-fn axpy_strided<T: Float>(dst: &mut [T], a: T, src: &[T], stride: usize) {
+/// `dst[t · stride] = src[t]`.
+#[inline(always)]
+fn scatter<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
     if stride == 1 {
-        let src = &src[..dst.len()];
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d += a * v;
-        }
+        dst[..src.len()].copy_from_slice(src);
     } else {
-        for (t, d) in dst.iter_mut().enumerate() {
-            *d += a * src[t * stride];
+        assert!(src.is_empty() || (src.len() - 1) * stride < dst.len());
+        for (d, &v) in dst.iter_mut().step_by(stride).zip(src) {
+            *d = v;
         }
+    }
+}
+
+/// `dst[t] += a · src[t]`.
+#[inline(always)]
+fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
+    let src = &src[..dst.len()];
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d += a * v;
     }
 }
 
 /// `dst[t · stride] += a · src[t]`.
-#[inline]
+#[inline(always)]
 fn scatter_axpy<T: Float>(dst: &mut [T], a: T, src: &[T], stride: usize) {
     if stride == 1 {
         for (d, &v) in dst[..src.len()].iter_mut().zip(src) {
             *d += a * v;
         }
     } else {
-        for (t, &v) in src.iter().enumerate() {
-            dst[t * stride] += a * v;
-        }
-    }
-}
-
-/// `acc[t] += a[t] · b[t · stride]`.
-#[inline]
-fn mul_add_strided<T: Float>(acc: &mut [T], a: &[T], b: &[T], stride: usize) {
-    if stride == 1 {
-        for ((r, &u), &v) in acc.iter_mut().zip(a).zip(&b[..a.len()]) {
-            *r += u * v;
-        }
-    } else {
-        for ((t, r), &u) in acc.iter_mut().enumerate().zip(a) {
-            *r += u * b[t * stride];
+        assert!(src.is_empty() || (src.len() - 1) * stride < dst.len());
+        for (d, &v) in dst.iter_mut().step_by(stride).zip(src) {
+            *d += a * v;
         }
     }
 }
 
 /// `dst += src`, elementwise.
+#[inline(always)]
 fn add<T: Float>(dst: &mut [T], src: &[T]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d += s;

@@ -11,6 +11,9 @@ pub(crate) trait Float: WithDType {
     /// thread's buffer is reused from call to call (it keeps its largest size); a nested call
     /// on the same thread gets a fresh allocation.
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
+    /// `e^self`.
+    fn exp(self) -> Self;
 }
 
 macro_rules! float {
@@ -30,6 +33,11 @@ macro_rules! float {
                     Err(_) => f(&mut vec![0.0; len]),
                 })
             }
+
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
         }
     };
 }
@@ -37,6 +45,7 @@ float!(f32);
 float!(f64);
 
 /// The sum of `x` in eight interleaved partial sums (so that it vectorises), then in order.
+#[inline(always)]
 pub(crate) fn sum<T: Float>(x: &[T]) -> T {
     const LANES: usize = 8;
     let mut lanes = [T::zero(); LANES];
@@ -51,6 +60,7 @@ pub(crate) fn sum<T: Float>(x: &[T]) -> T {
 }
 
 /// `Σ f(a, b)` over pairs, in the lane order of [`sum`] (over the shorter length).
+#[inline(always)]
 pub(crate) fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     const LANES: usize = 8;
     let mut lanes = [T::zero(); LANES];
@@ -69,4 +79,12 @@ pub(crate) fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
         .zip(cb.remainder())
         .fold(T::zero(), |acc, (&u, &v)| acc + f(u, v));
     lanes.iter().fold(tail, |acc, &v| acc + v)
+}
+
+/// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, or AVX2 with
+/// FMA, on x86-64; detected at run time by `pulp`, as `gemm` does). Only code inlined into `f`
+/// benefits, hence `#[inline(always)]` on the vector helpers it calls.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
 }

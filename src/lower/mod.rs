@@ -219,7 +219,8 @@ impl Network {
             layers.push(layer);
             inputs.push(ins.iter().map(|o| (o.node.index(), o.slot)).collect());
         }
-        let outputs = g.outputs.iter().map(|o| o.index()).collect();
+        let outputs: Vec<usize> = g.outputs.iter().map(|o| o.index()).collect();
+        fuse_batch_norm_relu(&mut layers, &inputs, &outputs);
         Ok(Network {
             layers,
             inputs,
@@ -330,5 +331,35 @@ impl Network {
                     .ok_or_else(|| candle_core::Error::Msg("output not computed".into()))
             })
             .collect()
+    }
+}
+
+/// Fuses each batch norm whose only reader is a ReLU into that ReLU: the batch norm applies it
+/// in its own passes (forward and backward) and the ReLU node passes its input on. A batch
+/// norm that is a model output, or that other nodes read, is left alone.
+fn fuse_batch_norm_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
+    let mut readers = vec![0usize; layers.len()];
+    for ins in inputs {
+        for (j, _) in ins {
+            readers[*j] += 1;
+        }
+    }
+    for i in 0..layers.len() {
+        let &[(j, 0)] = inputs[i].as_slice() else {
+            continue;
+        };
+        let fusable = matches!(
+            layers[i],
+            Layer::Activation(crate::ops::activation::Activation::Relu)
+        ) && matches!(layers[j], Layer::BatchNorm(_))
+            && readers[j] == 1
+            && !outputs.contains(&j);
+        if fusable {
+            let Layer::BatchNorm(bn) = std::mem::replace(&mut layers[j], Layer::Identity) else {
+                unreachable!("checked above");
+            };
+            layers[j] = Layer::BatchNorm(bn.then_relu());
+            layers[i] = Layer::Identity;
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType, bail,
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType, bail,
 };
 
 use super::kernel::Float;
@@ -18,6 +18,8 @@ use crate::ops::norm::{BatchNorm as BatchNormCfg, LayerNorm as LayerNormCfg, Lrn
 /// A batch-norm layer over axis 1.
 pub struct BatchNorm {
     cfg: BatchNormCfg,
+    /// A ReLU fused after the normalisation (see [`BatchNorm::then_relu`]).
+    relu: bool,
     weight: Var,
     bias: Var,
     running_mean: Var,
@@ -36,6 +38,7 @@ impl BatchNorm {
     pub fn new(state: &mut State, name: &str, cfg: &BatchNormCfg, channels: usize) -> Result<Self> {
         Ok(BatchNorm {
             cfg: cfg.clone(),
+            relu: false,
             weight: state.filled(&format!("{name}.weight"), &[channels], 1.0)?,
             bias: state.filled(&format!("{name}.bias"), &[channels], 0.0)?,
             running_mean: state.buffer(&format!("{name}.running_mean"), &[channels], 0.0)?,
@@ -43,22 +46,24 @@ impl BatchNorm {
         })
     }
 
-    /// Normalises; in training also updates the running statistics.
+    /// The same layer followed by a ReLU, computed in the same passes over the data.
+    pub fn then_relu(self) -> Self {
+        BatchNorm { relu: true, ..self }
+    }
+
+    /// Normalises (then applies the fused ReLU, if any); in training also updates the running
+    /// statistics.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
         if !train {
-            let rank = x.rank();
-            let inv_std = (per_channel(self.running_var.as_tensor(), rank)? + self.cfg.eps)?
-                .sqrt()?
-                .recip()?;
-            let normed = x
-                .broadcast_sub(&per_channel(self.running_mean.as_tensor(), rank)?)?
-                .broadcast_mul(&inv_std)?;
-            return normed
-                .broadcast_mul(&per_channel(w, rank)?)?
-                .broadcast_add(&per_channel(b, rank)?);
+            let y = self.normalize_running(x, w, b)?;
+            return if self.relu {
+                super::activation::activate(&y, crate::ops::activation::Activation::Relu)
+            } else {
+                Ok(y)
+            };
         }
-        let (y, mean, var) = batch_norm_train(x, w, b, self.cfg.eps)?;
+        let (y, mean, var) = batch_norm_train_then(x, w, b, self.cfg.eps, self.relu)?;
         let count = x.elem_count() / x.dim(1)?;
         let m = self.cfg.momentum;
         let unbiased = (var * (count as f64 / (count.max(2) - 1) as f64))?;
@@ -67,6 +72,20 @@ impl BatchNorm {
         self.running_mean.set(&new_mean)?;
         self.running_var.set(&new_var)?;
         Ok(y)
+    }
+
+    /// Evaluation mode: normalised by the running statistics.
+    fn normalize_running(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let rank = x.rank();
+        let inv_std = (per_channel(self.running_var.as_tensor(), rank)? + self.cfg.eps)?
+            .sqrt()?
+            .recip()?;
+        let normed = x
+            .broadcast_sub(&per_channel(self.running_mean.as_tensor(), rank)?)?
+            .broadcast_mul(&inv_std)?;
+        normed
+            .broadcast_mul(&per_channel(w, rank)?)?
+            .broadcast_add(&per_channel(b, rank)?)
     }
 }
 
@@ -82,6 +101,18 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_then(x, weight, bias, eps, false)
+}
+
+/// [`batch_norm_train`], followed by a ReLU when `relu`: fused into the same passes, forward
+/// and backward, with PyTorch's ReLU gradient (zero where the output is 0).
+pub fn batch_norm_train_then(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let Some(e) = Extent::of(x.dims()) else {
         bail!("batchnorm: input must be [N, C, ...], got {:?}", x.dims());
     };
@@ -94,11 +125,14 @@ pub fn batch_norm_train(
         );
     }
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
-        return batch_norm_composed(x, weight, bias, eps);
+        let (y, mean, var) = batch_norm_composed(x, weight, bias, eps)?;
+        let y = if relu { y.relu()? } else { y };
+        return Ok((y, mean, var));
     }
     let stats = Arc::new(OnceLock::new());
     let op = BatchNormOp {
         eps,
+        relu,
         stats: stats.clone(),
     };
     let y = x
@@ -168,9 +202,11 @@ macro_rules! by_dtype {
     };
 }
 
-/// Training-mode batch norm of `(x, weight, bias)`; leaves the batch statistics in `stats`.
+/// Training-mode batch norm of `(x, weight, bias)`, then a ReLU if `relu`; leaves the batch
+/// statistics in `stats`.
 struct BatchNormOp {
     eps: f64,
+    relu: bool,
     stats: Arc<OnceLock<BatchStats>>,
 }
 
@@ -189,7 +225,7 @@ impl BatchNormOp {
         let (mean, var) = norm_kernel::stats(e, x);
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let scale: Vec<f64> = w.iter().zip(&inv_std).map(|(w, s)| w * s).collect();
-        let y = norm_kernel::normalize(e, x, &mean, &scale, &b);
+        let y = norm_kernel::normalize(e, x, &mean, (&scale, &b), self.relu);
         self.stats
             .set(BatchStats { mean, var, inv_std })
             .map_err(|_| candle_core::Error::Msg("batchnorm: op run twice".into()))?;
@@ -226,7 +262,7 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if !(x.track_op() || w.track_op() || b.track_op()) {
@@ -238,12 +274,14 @@ impl CustomOp3 for BatchNormOp {
             .ok_or_else(|| candle_core::Error::Msg("batchnorm: backward before forward".into()))?;
         let grad = grad.contiguous()?;
         let sums_op = GradSums {
+            relu: self.relu,
             mean: stats.mean.clone(),
             inv_std: stats.inv_std.clone(),
             sums: OnceLock::new(),
         };
-        // [2, C]: Σ dy (the bias gradient) and Σ dy · x̂ (the weight gradient).
-        let sums = x.apply_op2_no_bwd(&grad, &sums_op)?;
+        // [2, C]: Σ dy (the bias gradient) and Σ dy · x̂ (the weight gradient), `dy` through
+        // the ReLU if there is one (`res` is its output).
+        let sums = x.apply_op3_no_bwd(&grad, res, &sums_op)?;
         let db = if b.track_op() {
             Some(sums.get(0)?)
         } else {
@@ -268,9 +306,11 @@ impl CustomOp3 for BatchNormOp {
                 sum_dy,
                 sum_dy_xhat,
             );
-            Some(x.apply_op2_no_bwd(
+            Some(x.apply_op3_no_bwd(
                 &grad,
+                res,
                 &InputGrad {
+                    relu: self.relu,
                     mean: stats.mean.clone(),
                     coefficients,
                 },
@@ -282,8 +322,10 @@ impl CustomOp3 for BatchNormOp {
     }
 }
 
-/// `(x, dy) -> [Σ dy, Σ dy · x̂]` per channel, `[2, C]`; keeps the sums in f64 in `sums`.
+/// `(x, dy, y) -> [Σ dy, Σ dy · x̂]` per channel, `[2, C]`, with `dy` through the fused ReLU
+/// (whose output is `y`) if `relu`; keeps the sums in f64 in `sums`.
 struct GradSums {
+    relu: bool,
     mean: Vec<f64>,
     inv_std: Vec<f64>,
     sums: OnceLock<(Vec<f64>, Vec<f64>)>,
@@ -295,9 +337,15 @@ impl GradSums {
         e: &Extent,
         x: (&CpuStorage, &Layout),
         dy: (&CpuStorage, &Layout),
+        y: (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
         let (x, dy) = (elements::<T>(x.0, x.1)?, elements::<T>(dy.0, dy.1)?);
-        let (sum_dy, sum_dy_xc) = norm_kernel::grad_sums(e, x, dy, &self.mean);
+        let y = if self.relu {
+            Some(elements::<T>(y.0, y.1)?)
+        } else {
+            None
+        };
+        let (sum_dy, sum_dy_xc) = norm_kernel::grad_sums(e, x, dy, y, &self.mean);
         let sum_dy_xhat: Vec<f64> = sum_dy_xc
             .iter()
             .zip(&self.inv_std)
@@ -315,7 +363,7 @@ impl GradSums {
     }
 }
 
-impl CustomOp2 for GradSums {
+impl CustomOp3 for GradSums {
     fn name(&self) -> &'static str {
         "dlc-batchnorm-grad-sums"
     }
@@ -326,24 +374,35 @@ impl CustomOp2 for GradSums {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(e) = Extent::of(l1.dims()) else {
-            bail!("batchnorm backward: input must be [N, C, ...]");
-        };
-        if l2.dims() != l1.dims() {
-            bail!(
-                "batchnorm backward: gradient {:?} for input {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
-        let out = by_dtype!(s1.dtype(), self.run(&e, (s1, l1), (s2, l2)));
+        let e = backward_extent(l1, l2, l3)?;
+        let out = by_dtype!(s1.dtype(), self.run(&e, (s1, l1), (s2, l2), (s3, l3)));
         Ok((out, Shape::from((2, e.c))))
     }
 }
 
-/// `(x, dy) -> dx = a · dy + b · (x − mean) + d` per channel (not itself differentiable).
+/// The extent of a backward call on `(x, dy, y)`, all of one shape.
+fn backward_extent(x: &Layout, dy: &Layout, y: &Layout) -> Result<Extent> {
+    let Some(e) = Extent::of(x.dims()) else {
+        bail!("batchnorm backward: input must be [N, C, ...]");
+    };
+    if dy.dims() != x.dims() || y.dims() != x.dims() {
+        bail!(
+            "batchnorm backward: gradient {:?} and output {:?} for input {:?}",
+            dy.dims(),
+            y.dims(),
+            x.dims()
+        );
+    }
+    Ok(e)
+}
+
+/// `(x, dy, y) -> dx = a · dy + b · (x − mean) + d` per channel, `dy` through the fused ReLU
+/// if `relu` (not itself differentiable).
 struct InputGrad {
+    relu: bool,
     mean: Vec<f64>,
     coefficients: (Vec<f64>, Vec<f64>, Vec<f64>),
 }
@@ -354,19 +413,26 @@ impl InputGrad {
         e: &Extent,
         x: (&CpuStorage, &Layout),
         dy: (&CpuStorage, &Layout),
+        y: (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
         let (a, b, d) = &self.coefficients;
+        let y = if self.relu {
+            Some(elements::<T>(y.0, y.1)?)
+        } else {
+            None
+        };
         Ok(norm_kernel::input_grad(
             e,
             elements::<T>(x.0, x.1)?,
             elements::<T>(dy.0, dy.1)?,
+            y,
             &self.mean,
             (a, b, d),
         ))
     }
 }
 
-impl CustomOp2 for InputGrad {
+impl CustomOp3 for InputGrad {
     fn name(&self) -> &'static str {
         "dlc-batchnorm-input-grad"
     }
@@ -377,18 +443,11 @@ impl CustomOp2 for InputGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(e) = Extent::of(l1.dims()) else {
-            bail!("batchnorm backward: input must be [N, C, ...]");
-        };
-        if l2.dims() != l1.dims() {
-            bail!(
-                "batchnorm backward: gradient {:?} for input {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
-        let out = by_dtype!(s1.dtype(), self.run(&e, (s1, l1), (s2, l2)));
+        let e = backward_extent(l1, l2, l3)?;
+        let out = by_dtype!(s1.dtype(), self.run(&e, (s1, l1), (s2, l2), (s3, l3)));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -542,6 +601,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fused_relu_matches_batch_norm_then_relu() {
+        use crate::lower::activation::activate;
+        use crate::ops::activation::Activation;
+        let inputs = [random(&[4, 3, 5, 6], 7), random(&[3], 8), random(&[3], 9)];
+        for dtype in [DType::F64, DType::F32] {
+            let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
+            let fused = run_bn(
+                |x, w, b| batch_norm_train_then(x, w, b, 1e-5, true),
+                &inputs,
+                [true; 3],
+            );
+            let separate = run_bn(
+                |x, w, b| {
+                    let (y, m, v) = batch_norm_train(x, w, b, 1e-5)?;
+                    Ok((activate(&y, Activation::Relu)?, m, v))
+                },
+                &inputs,
+                [true; 3],
+            );
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for (a, b) in fused.0.iter().zip(&separate.0) {
+                assert!(max_abs_diff(a, b) < tol, "{dtype:?}: output or stats");
+            }
+            for k in 0..3 {
+                let d = max_abs_diff(
+                    fused.1[k].as_ref().unwrap(),
+                    separate.1[k].as_ref().unwrap(),
+                );
+                assert!(d < tol, "{dtype:?}: gradient {k} differs by {d}");
+            }
+        }
+        check_grads(
+            |t| Ok(batch_norm_train_then(&t[0], &t[1], &t[2], 1e-5, true)?.0),
+            &inputs,
+            1e-5,
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! `[S]` rows (elementwise), with the per-channel numbers in f64:
 //! - statistics: the mean, then the biased variance around it (two passes, as exact as the
 //!   composed version);
-//! - forward: `y = (x − mean) · (w · inv_std) + b`;
+//! - forward: `y = (x − mean) · (w · inv_std) + b`, optionally followed by a ReLU (fused: the
+//!   backward passes below then mask `dy` by the output on the fly);
 //! - backward sums: `Σ dy` and `Σ dy · (x − mean)` per channel, which give the bias and weight
 //!   gradients;
 //! - input gradient: `dx = a · dy + b · (x − mean) + d` with per-channel coefficients made from
@@ -13,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::kernel::{Float, sum, sum_zip};
+use super::kernel::{Float, sum, sum_zip, vectorized};
 
 /// The extent of one batch-norm call: `n` samples, `c` channels, `s` elements per channel and
 /// sample.
@@ -65,30 +66,32 @@ pub(crate) fn stats<T: Float>(e: &Extent, x: &[T]) -> (PerChannel, PerChannel) {
     (0..e.c)
         .into_par_iter()
         .map(|ch| {
-            let mean = (0..e.n).map(|i| sum(e.row(x, i, ch)).to_f64()).sum::<f64>() / count;
-            let m = T::from_f64(mean);
-            let var = (0..e.n)
-                .map(|i| {
-                    {
-                        let r = e.row(x, i, ch);
-                        sum_zip(r, r, |v, _| (v - m) * (v - m))
-                    }
-                    .to_f64()
-                })
-                .sum::<f64>()
-                / count;
-            (mean, var)
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mean = (0..e.n).map(|i| sum(e.row(x, i, ch)).to_f64()).sum::<f64>() / count;
+                    let m = T::from_f64(mean);
+                    let var = (0..e.n)
+                        .map(|i| {
+                            let r = e.row(x, i, ch);
+                            sum_zip(r, r, |v, _| (v - m) * (v - m)).to_f64()
+                        })
+                        .sum::<f64>()
+                        / count;
+                    (mean, var)
+                },
+            )
         })
         .unzip()
 }
 
-/// `y = (x − mean) · scale + shift` per channel.
+/// `y = (x − mean) · scale + shift` per channel, then `max(y, 0)` if `relu` (NaN stays NaN).
 pub(crate) fn normalize<T: Float>(
     e: &Extent,
     x: &[T],
     mean: &[f64],
-    scale: &[f64],
-    shift: &[f64],
+    (scale, shift): (&[f64], &[f64]),
+    relu: bool,
 ) -> Vec<T> {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
     let mut y = vec![T::zero(); e.len()];
@@ -96,25 +99,35 @@ pub(crate) fn normalize<T: Float>(
         return y;
     }
     y.par_chunks_mut(e.s).enumerate().for_each(|(r, yr)| {
-        let ch = r % e.c;
-        let (m, a, b) = (
-            T::from_f64(mean[ch]),
-            T::from_f64(scale[ch]),
-            T::from_f64(shift[ch]),
-        );
-        let xr = &x[r * e.s..][..e.s];
-        for (y, &v) in yr.iter_mut().zip(xr) {
-            *y = (v - m) * a + b;
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let ch = r % e.c;
+                let (m, a, b) = (
+                    T::from_f64(mean[ch]),
+                    T::from_f64(scale[ch]),
+                    T::from_f64(shift[ch]),
+                );
+                let xr = &x[r * e.s..][..e.s];
+                for (y, &v) in yr.iter_mut().zip(xr) {
+                    let t = (v - m) * a + b;
+                    *y = if relu && t < T::zero() { T::zero() } else { t };
+                }
+            },
+        )
     });
     y
 }
 
 /// Per channel, `Σ dy` and `Σ dy · (x − mean)`.
+///
+/// With `relu_out`, the output of a fused ReLU, `dy` is first zeroed where that output is not
+/// positive (the ReLU's backward).
 pub(crate) fn grad_sums<T: Float>(
     e: &Extent,
     x: &[T],
     dy: &[T],
+    relu_out: Option<&[T]>,
     mean: &[f64],
 ) -> (PerChannel, PerChannel) {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
@@ -122,16 +135,37 @@ pub(crate) fn grad_sums<T: Float>(
     (0..e.c)
         .into_par_iter()
         .map(|ch| {
-            let m = T::from_f64(mean[ch]);
-            (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
-                let (xr, dr) = (e.row(x, i, ch), e.row(dy, i, ch));
-                (
-                    sdy + sum(dr).to_f64(),
-                    sdyx + sum_zip(dr, xr, |d, v| d * (v - m)).to_f64(),
+            T::with_scratch(if relu_out.is_some() { e.s } else { 0 }, |masked| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let m = T::from_f64(mean[ch]);
+                        (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
+                            let (xr, mut dr) = (e.row(x, i, ch), e.row(dy, i, ch));
+                            if let Some(y) = relu_out {
+                                for ((t, &d), &y) in masked.iter_mut().zip(dr).zip(e.row(y, i, ch))
+                                {
+                                    *t = relu_grad(d, y);
+                                }
+                                dr = masked;
+                            }
+                            (
+                                sdy + sum(dr).to_f64(),
+                                sdyx + sum_zip(dr, xr, |d, v| d * (v - m)).to_f64(),
+                            )
+                        })
+                    },
                 )
             })
         })
         .unzip()
+}
+
+/// The gradient through a ReLU whose output is `y`: `dy` where `y > 0`, else 0 (PyTorch's
+/// rule, also at 0 and for NaN).
+#[inline(always)]
+fn relu_grad<T: Float>(dy: T, y: T) -> T {
+    if y > T::zero() { dy } else { T::zero() }
 }
 
 /// The coefficients `(a, b, d)` of `dx = a · dy + b · (x − mean) + d`, per channel, from the
@@ -156,11 +190,13 @@ pub(crate) fn input_grad_coefficients(
     coef
 }
 
-/// `dx = a · dy + b · (x − mean) + d` per channel.
+/// `dx = a · dy + b · (x − mean) + d` per channel, `dy` masked by `relu_out` as in
+/// [`grad_sums`].
 pub(crate) fn input_grad<T: Float>(
     e: &Extent,
     x: &[T],
     dy: &[T],
+    relu_out: Option<&[T]>,
     mean: &[f64],
     (a, b, d): (&[f64], &[f64], &[f64]),
 ) -> Vec<T> {
@@ -171,17 +207,32 @@ pub(crate) fn input_grad<T: Float>(
         return dx;
     }
     dx.par_chunks_mut(e.s).enumerate().for_each(|(r, dxr)| {
-        let ch = r % e.c;
-        let (m, a, b, d) = (
-            T::from_f64(mean[ch]),
-            T::from_f64(a[ch]),
-            T::from_f64(b[ch]),
-            T::from_f64(d[ch]),
-        );
-        let (xr, dr) = (&x[r * e.s..][..e.s], &dy[r * e.s..][..e.s]);
-        for ((g, &v), &u) in dxr.iter_mut().zip(xr).zip(dr) {
-            *g = a * u + b * (v - m) + d;
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let ch = r % e.c;
+                let (m, a, b, d) = (
+                    T::from_f64(mean[ch]),
+                    T::from_f64(a[ch]),
+                    T::from_f64(b[ch]),
+                    T::from_f64(d[ch]),
+                );
+                let (xr, dr) = (&x[r * e.s..][..e.s], &dy[r * e.s..][..e.s]);
+                match relu_out {
+                    Some(y) => {
+                        let yr = &y[r * e.s..][..e.s];
+                        for (((g, &v), &u), &y) in dxr.iter_mut().zip(xr).zip(dr).zip(yr) {
+                            *g = a * relu_grad(u, y) + b * (v - m) + d;
+                        }
+                    }
+                    None => {
+                        for ((g, &v), &u) in dxr.iter_mut().zip(xr).zip(dr) {
+                            *g = a * u + b * (v - m) + d;
+                        }
+                    }
+                }
+            },
+        )
     });
     dx
 }
