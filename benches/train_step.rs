@@ -74,6 +74,11 @@
 //! - `--threads N`: PyTorch's thread count [DLC_BENCH_THREADS]; default the number of cores
 //!   (candle's pool follows `RAYON_NUM_THREADS`, else the number of cores)
 
+/// The allocator of the `dlc` binary (`src/main.rs`), so that the dlc and candle-nn columns
+/// run as they would there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

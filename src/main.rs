@@ -4,6 +4,11 @@ mod cli;
 
 use std::process::ExitCode;
 
+/// mimalloc keeps freed pages for reuse: with glibc's allocator a ResNet-18 training step
+/// spent a sixth of its time in page faults on freshly mapped activation buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Stack for the compiler thread: deep but legal specs must not overflow.
 const STACK_BYTES: usize = 256 << 20;
 
