@@ -1494,7 +1494,8 @@ fn main() -> Result<()> {
             net.title()
         );
         // op, layers, forward ms, backward ms, forward and backward FLOPs.
-        let mut by_op: Vec<(String, usize, f64, f64, Option<(f64, f64)>)> = Vec::new();
+        type OpTotal = (String, usize, f64, f64, Option<(f64, f64)>);
+        let mut by_op: Vec<OpTotal> = Vec::new();
         for l in layers {
             match by_op.iter_mut().find(|o| o.0 == l.op) {
                 Some(o) => {

@@ -80,7 +80,7 @@ impl Geometry {
         let groups = cfg.groups as usize;
         let o = cfg.out as usize;
         let (kh, kw) = (cfg.kernel.0 as usize, cfg.kernel.1 as usize);
-        if groups == 0 || c % groups != 0 || o % groups != 0 {
+        if groups == 0 || !c.is_multiple_of(groups) || !o.is_multiple_of(groups) {
             bail!("conv: {c} input and {o} output channels cannot be split into {groups} groups");
         }
         if weight != [o, c / groups, kh, kw] {

@@ -15,12 +15,12 @@
 //! - average pooling divides by the window clipped to the padded input, `[.., min(.., H + p))`,
 //!   when `count_pad` (PyTorch's `count_include_pad=True`), else by the number of real elements.
 
-use std::thread;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType, bail,
 };
+
+use rayon::prelude::*;
 
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
@@ -202,7 +202,8 @@ impl<T: Copy> Plane<'_, T> {
 const PARALLEL_WORK: usize = 1 << 18;
 
 /// Fills `out`, a contiguous run of planes of `plane` elements each, with `f(plane_index,
-/// plane_slice)`, on several threads when `work` is large.
+/// plane_slice)`; in parallel on rayon's pool (the threads of candle's and our other kernels,
+/// `RAYON_NUM_THREADS`) when `work` is large.
 fn for_each_plane<T: Send>(
     out: &mut [T],
     plane: usize,
@@ -212,29 +213,13 @@ fn for_each_plane<T: Send>(
     if plane == 0 || out.is_empty() {
         return;
     }
-    let planes = out.len() / plane;
-    let threads = if work < PARALLEL_WORK {
-        1
-    } else {
-        thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(planes)
-    };
-    if threads <= 1 {
+    if work < PARALLEL_WORK {
         out.chunks_mut(plane).enumerate().for_each(|(i, o)| f(i, o));
-        return;
+    } else {
+        out.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o));
     }
-    let per = planes.div_ceil(threads);
-    let f = &f;
-    thread::scope(|s| {
-        for (t, chunk) in out.chunks_mut(per * plane).enumerate() {
-            s.spawn(move || {
-                for (i, o) in chunk.chunks_mut(plane).enumerate() {
-                    f(t * per + i, o);
-                }
-            });
-        }
-    });
 }
 
 /// `v` is NaN (without a float trait bound).
