@@ -345,10 +345,10 @@ fn for_each_chunk<T: Float>(
 }
 
 /// A matrix operand of [`matmul`]: its elements and (row, column) strides.
-type Mat<'a, T> = (&'a [T], usize, usize);
+pub(crate) type Mat<'a, T> = (&'a [T], usize, usize);
 
 /// `dst[m×n] = (dst +) lhs[m×k] · rhs[k×n]`, with `gemm`.
-fn matmul<T: Float>(
+pub(crate) fn matmul<T: Float>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs, dst_cs): (&mut [T], usize, usize),
     lhs: Mat<'_, T>,

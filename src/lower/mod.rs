@@ -18,6 +18,7 @@ pub mod params;
 pub mod pool;
 pub mod position;
 pub mod recurrent;
+pub mod recurrent_kernel;
 pub mod sequence;
 pub mod spatial;
 

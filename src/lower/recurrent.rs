@@ -25,6 +25,7 @@ use candle_core::{Result, Tensor, Var};
 
 use super::linear::linear;
 use super::params::{Init, State};
+use super::recurrent_kernel::recurrence;
 use crate::ops::sequence::{Cell, Recurrent as RecurrentCfg};
 
 /// The weights of one layer in one direction, PyTorch's shapes: `w_ih [gates·H, in]`,
@@ -262,9 +263,9 @@ fn step(
 }
 
 /// Without attention: each layer and direction runs over the whole sequence before the next
-/// layer starts. `hs`/`cs` hold the initial states per layer and direction and are replaced
-/// by the final ones. The sequence travels between layers as one `[N, features]` tensor per
-/// step (a bidirectional layer's two directions concatenated at each step).
+/// layer starts, as one [`recurrence`] on the sequence's input projections (one matrix
+/// product for all steps). `hs`/`cs` hold the initial states per layer and direction and are
+/// replaced by the final ones.
 fn layer_by_layer(
     cfg: &RecurrentCfg,
     x: &Tensor,
@@ -273,44 +274,45 @@ fn layer_by_layer(
     cs: &mut [Tensor],
     dropout: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let steps = x.dim(1)?;
+    let (n, steps, _) = x.dims3()?;
     let d = cfg.directions() as usize;
-    let mut seq = time_steps(&x.transpose(0, 1)?.contiguous()?)?;
+    let lstm = cfg.cell == Cell::Lstm;
+    let mut seq = x.clone();
     for l in 0..cfg.layers as usize {
         if l > 0 {
-            seq = seq.iter().map(&mut *dropout).collect::<Result<_>>()?;
+            // The mask drawn time-major, step after step, as the attention path draws it.
+            seq = dropout(&seq.transpose(0, 1)?)?.transpose(0, 1)?;
         }
+        let features = seq.dim(2)?;
+        let flat = seq.reshape((n * steps, features))?;
         let mut outputs = Vec::with_capacity(d);
         for dir in 0..d {
             let k = l * d + dir;
             let w = &cells[k];
-            let w_ih_t = w.w_ih.t()?;
-            let w_hh_t = w.w_hh.t()?;
-            let mut ys = Vec::with_capacity(steps);
-            for s in 0..steps {
-                let t = if dir == 0 { s } else { steps - 1 - s };
-                let xp = seq[t].matmul(&w_ih_t)?.broadcast_add(&w.b_ih)?;
-                let (h, c) = step(cfg.cell, &xp, &hs[k], cs.get(k), &w_hh_t, &w.b_hh)?;
-                ys.push(h.clone());
-                hs[k] = h;
-                if let Some(c) = c {
-                    cs[k] = c;
-                }
+            let xp = linear(&flat, &w.w_ih, Some(&w.b_ih))?;
+            let xp = xp.reshape((n, steps, xp.dim(1)?))?;
+            let w_hh = Tensor::cat(&[&w.w_hh, &w.b_hh.unsqueeze(1)?], 1)?;
+            let state0 = if lstm {
+                Tensor::stack(&[&hs[k], &cs[k]], 0)?
+            } else {
+                hs[k].unsqueeze(0)?
+            };
+            let states = recurrence(cfg.cell, &xp, &w_hh, &state0, dir == 1)?;
+            let last = if dir == 0 { steps - 1 } else { 0 };
+            let at_last = |plane: usize| states.get(plane)?.narrow(1, last, 1)?.squeeze(1);
+            hs[k] = at_last(0)?;
+            if lstm {
+                cs[k] = at_last(1)?;
             }
-            if dir == 1 {
-                ys.reverse();
-            }
-            outputs.push(ys);
+            outputs.push(states.get(0)?);
         }
         seq = if d == 1 {
-            outputs.pop().unwrap_or_default()
+            outputs.pop().unwrap_or(seq)
         } else {
-            (0..steps)
-                .map(|t| Tensor::cat(&[&outputs[0][t], &outputs[1][t]], 1))
-                .collect::<Result<_>>()?
+            Tensor::cat(&outputs, 2)?
         };
     }
-    Tensor::stack(&seq, 1)
+    Ok(seq)
 }
 
 /// With attention over `memory`: one step at a time through the whole stack, since the

@@ -1,0 +1,626 @@
+//! The recurrence of one `rnn`, `gru` or `lstm` layer in one direction as one custom op over
+//! the whole sequence, forward and backward through time by hand (CPU, f32 and f64).
+//!
+//! The op takes the input projections of every step, `xp = x W_ihᵀ + b_ih` (`[N, T, gates·H]`,
+//! computed outside as one matrix product), the recurrent weight with its bias as one matrix
+//! `[W_hh | b_hh]` (`[gates·H, H + 1]`) and the initial state `[S, N, H]` (`S = 2` for an LSTM:
+//! state then cell). It returns `[S, N, T, H]`: the state (and cell) after every step, at the
+//! input's time positions (a reverse direction runs from `T − 1` down to 0), so that the layer's
+//! sequence output and final state are slices of it. Gate order and formulas are PyTorch's (see
+//! `recurrent.rs`); the GRU's `b_hn` stays inside `r ⊙ (W_hn h + b_hn)`.
+//!
+//! Per step the forward is one GEMM `h W_hhᵀ` and one fused pass for the bias, the gate
+//! nonlinearities and the new state; the backward per step is one fused pass for the gradients
+//! of the gates' pre-activations and one GEMM `dgates · W_hh` for the previous state's gradient;
+//! `dW_hh` is a single GEMM over all steps at the end (from the gates' gradients and the
+//! previous states). Samples are independent, so the batch is cut into one block per thread of
+//! rayon's pool and each block runs all its steps alone: no synchronisation per step, and each
+//! GEMM single-threaded (at d2l's sizes, 16 × 1024 × 256 per step and thread).
+//!
+//! What the backward needs beyond the outputs (the gates after their nonlinearity: LSTM
+//! `i, f, g, o, tanh c`; GRU `r, z, n` and `W_hn h + b_hn`) is kept from the forward inside the
+//! op instance (one instance per forward call), in a mutex since candle hands the op to the
+//! backward by shared reference. Returning it as extra output planes would make candle build
+//! and add zero-padded gradients of those planes for every slice taken from the output.
+//!
+//! The f32 sigmoid and tanh use a polynomial `e^x` (relative error below 1e-7) that the
+//! compiler vectorises, where the C library's `expf` runs one element at a time; f64 uses the
+//! standard library's functions so that the f64 comparisons with PyTorch hold to rounding.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail,
+};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::conv_kernel::matmul;
+use super::kernel::{Float, vectorized};
+use crate::ops::sequence::Cell;
+
+/// Runs one layer's recurrence in one direction: `xp [N, T, gates·H]` the projected inputs
+/// (with `b_ih`), `w [gates·H, H + 1]` the recurrent weight with `b_hh` as its last column,
+/// `state0 [S, N, H]` the initial state (and cell for an LSTM, `S = 2`). Returns the state
+/// (and cell) after every step, `[S, N, T, H]`, differentiable in all three inputs. CPU only,
+/// f32 or f64.
+pub fn recurrence(
+    cell: Cell,
+    xp: &Tensor,
+    w: &Tensor,
+    state0: &Tensor,
+    reverse: bool,
+) -> Result<Tensor> {
+    if !xp.device().is_cpu() {
+        bail!("{}: only the CPU is supported", cell.name());
+    }
+    if !matches!(xp.dtype(), DType::F32 | DType::F64) {
+        bail!("{}: only f32 and f64 are supported, got {:?}", cell.name(), xp.dtype());
+    }
+    let (n, t, g) = xp.dims3()?;
+    let (s, h) = (planes(cell), state0.dim(2)?);
+    if t == 0 {
+        bail!("{}: the sequence has no steps", cell.name());
+    }
+    if g != cell.gates() as usize * h || w.dims() != [g, h + 1] || state0.dims() != [s, n, h] {
+        bail!(
+            "{}: inputs {:?}, weight {:?}, initial state {:?} for hidden size {h}",
+            cell.name(),
+            xp.dims(),
+            w.dims(),
+            state0.dims()
+        );
+    }
+    let op = RecurrenceOp {
+        dims: Dims {
+            cell,
+            reverse,
+            n,
+            t,
+            h,
+        },
+        saved: Mutex::new(None),
+    };
+    xp.contiguous()?
+        .apply_op3(&w.contiguous()?, &state0.contiguous()?, op)
+}
+
+/// Planes of the state: 2 (state and cell) for an LSTM, else 1.
+fn planes(cell: Cell) -> usize {
+    if cell == Cell::Lstm { 2 } else { 1 }
+}
+
+/// The sizes of one recurrence.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    cell: Cell,
+    reverse: bool,
+    /// Batch.
+    n: usize,
+    /// Steps.
+    t: usize,
+    /// Hidden size.
+    h: usize,
+}
+
+impl Dims {
+    /// Gate rows `gates·H`.
+    fn g(&self) -> usize {
+        self.cell.gates() as usize * self.h
+    }
+
+    /// Values kept per sample and step for the backward, in units of `H`.
+    fn saved(&self) -> usize {
+        match self.cell {
+            Cell::Rnn { .. } => 0,
+            Cell::Gru => 4,
+            Cell::Lstm => 5,
+        }
+    }
+
+    /// The time position of the `s`-th step taken.
+    fn time(&self, s: usize) -> usize {
+        if self.reverse { self.t - 1 - s } else { s }
+    }
+
+    /// Samples per block: the batch cut into one block per thread.
+    fn block(&self) -> usize {
+        self.n.div_ceil(rayon::current_num_threads().clamp(1, self.n))
+    }
+}
+
+/// The f32/f64 element types with the gate nonlinearities.
+trait Gate: Float {
+    /// `1 / (1 + e^−x)`.
+    fn sigmoid(self) -> Self;
+    /// `tanh x`.
+    fn tanh(self) -> Self;
+}
+
+/// `e^x` for f32 without branches, so that it vectorises: `2^k · p(r)` with `k = round(x / ln 2)`,
+/// `|r| ≤ ln 2 / 2` and `p` the degree-7 Taylor polynomial (truncation below 5e-9); `x` is
+/// clamped to `[−87, 88]`, where `2^k` is a normal number.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((k as i32 + 127) << 23) as u32)
+}
+
+impl Gate for f32 {
+    #[inline(always)]
+    fn sigmoid(self) -> f32 {
+        1.0 / (1.0 + exp_f32(-self))
+    }
+
+    #[inline(always)]
+    fn tanh(self) -> f32 {
+        2.0 / (1.0 + exp_f32(-2.0 * self)) - 1.0
+    }
+}
+
+impl Gate for f64 {
+    #[inline(always)]
+    fn sigmoid(self) -> f64 {
+        1.0 / (1.0 + (-self).exp())
+    }
+
+    #[inline(always)]
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
+    }
+}
+
+/// The op of [`recurrence`]; `saved` holds the forward's gate values for the backward.
+struct RecurrenceOp {
+    dims: Dims,
+    saved: Mutex<Option<CpuStorage>>,
+}
+
+/// `buf` cut into `count` blocks of `len` elements (the last one shorter), or `count` empty
+/// slices when `buf` is empty.
+fn blocks<T>(buf: &mut [T], len: usize, count: usize) -> Vec<&mut [T]> {
+    if buf.is_empty() {
+        (0..count).map(|_| <&mut [T]>::default()).collect()
+    } else {
+        buf.chunks_mut(len).collect()
+    }
+}
+
+/// The contiguous elements of an operand.
+fn elements<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("recurrence: operand is not contiguous"),
+    }
+}
+
+/// The forward over all steps: returns the states `[S, N, T, H]` and the saved gate values
+/// `[N, T, saved·H]`.
+fn forward<T: Gate>(d: Dims, xp: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>) {
+    let (n, tt, h, g, k) = (d.n, d.t, d.h, d.g(), d.saved() * d.h);
+    let bias: Vec<T> = (0..g).map(|j| w[j * (h + 1) + h]).collect();
+    let mut out = vec![T::zero(); planes(d.cell) * n * tt * h];
+    let mut saved = vec![T::zero(); n * tt * k];
+    let rows = d.block();
+    let count = n.div_ceil(rows);
+    let (hs, cs) = out.split_at_mut(n * tt * h);
+    let hs = blocks(hs, rows * tt * h, count);
+    let cs = blocks(cs, rows * tt * h, count);
+    let sv = blocks(&mut saved, rows * tt * k, count);
+    let jobs: Vec<_> = hs.into_iter().zip(cs).zip(sv).enumerate().collect();
+    jobs.into_par_iter().for_each(|(b, ((hs, cs), sv))| {
+        let (r0, m) = (b * rows, rows.min(n - b * rows));
+        T::with_scratch(m * (g + 2 * h), |scratch| {
+            let (gh, state) = scratch.split_at_mut(m * g);
+            let (hst, cst) = state.split_at_mut(m * h);
+            hst.copy_from_slice(&state0[r0 * h..][..m * h]);
+            if d.cell == Cell::Lstm {
+                cst.copy_from_slice(&state0[(n + r0) * h..][..m * h]);
+            }
+            for s in 0..tt {
+                let t = d.time(s);
+                // gh = h W_hhᵀ
+                matmul(
+                    (m, g, h),
+                    (gh, g, 1),
+                    (hst, h, 1),
+                    (w, 1, h + 1),
+                    false,
+                    Parallelism::None,
+                );
+                for r in 0..m {
+                    let x = &xp[((r0 + r) * tt + t) * g..][..g];
+                    let ghr = &gh[r * g..][..g];
+                    let at = (r * tt + t) * h;
+                    let hrow = &mut hst[r * h..][..h];
+                    let crow = &mut cst[r * h..][..h];
+                    let save = &mut sv[(r * tt + t) * k..][..k];
+                    vectorized(
+                        #[inline(always)]
+                        || step_forward(d.cell, h, x, ghr, &bias, hrow, crow, save),
+                    );
+                    hs[at..][..h].copy_from_slice(hrow);
+                    if d.cell == Cell::Lstm {
+                        cs[at..][..h].copy_from_slice(crow);
+                    }
+                }
+            }
+        });
+    });
+    (out, saved)
+}
+
+/// One step of one sample: `x` the projected input, `gh` = `h W_hhᵀ` (without bias), `h`/`c`
+/// the state and cell (replaced by the new ones), `save` what the backward needs.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn step_forward<T: Gate>(
+    cell: Cell,
+    hd: usize,
+    x: &[T],
+    gh: &[T],
+    bias: &[T],
+    h: &mut [T],
+    c: &mut [T],
+    save: &mut [T],
+) {
+    match cell {
+        Cell::Rnn { relu } => {
+            for j in 0..hd {
+                let pre = x[j] + gh[j] + bias[j];
+                h[j] = if relu {
+                    if pre > T::zero() { pre } else { T::zero() }
+                } else {
+                    pre.tanh()
+                };
+            }
+        }
+        Cell::Gru => {
+            let (sr, rest) = save.split_at_mut(hd);
+            let (sz, rest) = rest.split_at_mut(hd);
+            let (sn, shn) = rest.split_at_mut(hd);
+            for j in 0..hd {
+                let r = (x[j] + gh[j] + bias[j]).sigmoid();
+                let z = (x[hd + j] + gh[hd + j] + bias[hd + j]).sigmoid();
+                let hn = gh[2 * hd + j] + bias[2 * hd + j];
+                let nn = (x[2 * hd + j] + r * hn).tanh();
+                let hp = h[j];
+                h[j] = nn + z * (hp - nn);
+                sr[j] = r;
+                sz[j] = z;
+                sn[j] = nn;
+                shn[j] = hn;
+            }
+        }
+        Cell::Lstm => {
+            let (si, rest) = save.split_at_mut(hd);
+            let (sf, rest) = rest.split_at_mut(hd);
+            let (sg, rest) = rest.split_at_mut(hd);
+            let (so, stc) = rest.split_at_mut(hd);
+            for j in 0..hd {
+                let pre = |q: usize| x[q * hd + j] + gh[q * hd + j] + bias[q * hd + j];
+                let i = pre(0).sigmoid();
+                let f = pre(1).sigmoid();
+                let gg = pre(2).tanh();
+                let o = pre(3).sigmoid();
+                let cn = f * c[j] + i * gg;
+                let tc = cn.tanh();
+                c[j] = cn;
+                h[j] = o * tc;
+                si[j] = i;
+                sf[j] = f;
+                sg[j] = gg;
+                so[j] = o;
+                stc[j] = tc;
+            }
+        }
+    }
+}
+
+/// The gradients of [`forward`] for `dout [S, N, T, H]`, the gradient arriving on its output
+/// `out`: returns those of the projected inputs `[N, T, gates·H]`, of `[W_hh | b_hh]`
+/// `[gates·H, H + 1]` and of the initial state `[S, N, H]`.
+fn backward<T: Gate>(
+    d: Dims,
+    w: &[T],
+    state0: &[T],
+    out: &[T],
+    saved: &[T],
+    dout: &[T],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (n, tt, h, g, k) = (d.n, d.t, d.h, d.g(), d.saved() * d.h);
+    let lstm = d.cell == Cell::Lstm;
+    let plane = n * tt * h;
+    let mut dxp = vec![T::zero(); n * tt * g];
+    // The gradient of `h W_hhᵀ + b_hh`: the GRU's differs from `dxp` in the n gate.
+    let mut dgh = if d.cell == Cell::Gru {
+        vec![T::zero(); n * tt * g]
+    } else {
+        Vec::new()
+    };
+    let mut dstate0 = vec![T::zero(); planes(d.cell) * n * h];
+    let rows = d.block();
+    let count = n.div_ceil(rows);
+    let dx = blocks(&mut dxp, rows * tt * g, count);
+    let dg = blocks(&mut dgh, rows * tt * g, count);
+    let (dh0, dc0) = dstate0.split_at_mut(n * h);
+    let dh0 = blocks(dh0, rows * h, count);
+    let dc0 = blocks(dc0, rows * h, count);
+    let jobs: Vec<_> = dx.into_iter().zip(dg).zip(dh0).zip(dc0).enumerate().collect();
+    jobs.into_par_iter()
+        .for_each(|(b, (((dx, dg), dh0), dc0))| {
+            let (r0, m) = (b * rows, rows.min(n - b * rows));
+            T::with_scratch(2 * m * h, |scratch| {
+                let (dh, dc) = scratch.split_at_mut(m * h);
+                dh.fill(T::zero());
+                dc.fill(T::zero());
+                for s in (0..tt).rev() {
+                    let t = d.time(s);
+                    let prev = (s > 0).then(|| d.time(s - 1));
+                    for r in 0..m {
+                        let sample = r0 + r;
+                        let at = (sample * tt + t) * h;
+                        let (hp, cp) = match prev {
+                            Some(tp) => {
+                                let p = (sample * tt + tp) * h;
+                                (&out[p..][..h], if lstm { &out[plane + p..][..h] } else { &[][..] })
+                            }
+                            None => (
+                                &state0[sample * h..][..h],
+                                if lstm { &state0[(n + sample) * h..][..h] } else { &[][..] },
+                            ),
+                        };
+                        let grads = StepGrads {
+                            h: &out[at..][..h],
+                            hp,
+                            cp,
+                            dh_out: &dout[at..][..h],
+                            dc_out: if lstm { &dout[plane + at..][..h] } else { &[][..] },
+                            save: &saved[(sample * tt + t) * k..][..k],
+                        };
+                        let dxr = &mut dx[(r * tt + t) * g..][..g];
+                        let dgr: &mut [T] = if dg.is_empty() {
+                            &mut []
+                        } else {
+                            &mut dg[(r * tt + t) * g..][..g]
+                        };
+                        let dhr = &mut dh[r * h..][..h];
+                        let dcr = &mut dc[r * h..][..h];
+                        vectorized(
+                            #[inline(always)]
+                            || grads.run(d.cell, h, dxr, dgr, dhr, dcr),
+                        );
+                    }
+                    // dh (+)= dgates · W_hh
+                    let gates: &[T] = if dg.is_empty() { &*dx } else { &*dg };
+                    matmul(
+                        (m, h, g),
+                        (dh, h, 1),
+                        (&gates[t * g..], tt * g, 1),
+                        (w, h + 1, 1),
+                        d.cell == Cell::Gru,
+                        Parallelism::None,
+                    );
+                }
+                dh0.copy_from_slice(dh);
+                if lstm {
+                    dc0.copy_from_slice(dc);
+                }
+            });
+        });
+    let gates: &[T] = if dgh.is_empty() { &dxp } else { &dgh };
+    let dw = weight_grad(d, gates, state0, &out[..plane]);
+    (dxp, dw, dstate0)
+}
+
+/// `[dW_hh | db_hh]` from the gradients of `h W_hhᵀ + b_hh` over all steps (`[N, T, gates·H]`)
+/// and the states: one GEMM against the previous state of every step.
+fn weight_grad<T: Gate>(d: Dims, gates: &[T], state0: &[T], hs: &[T]) -> Vec<T> {
+    let (n, tt, h, g) = (d.n, d.t, d.h, d.g());
+    let mut prev = vec![T::zero(); n * tt * h];
+    prev.par_chunks_mut(tt * h).enumerate().for_each(|(i, p)| {
+        for s in 0..tt {
+            let src = if s == 0 {
+                &state0[i * h..][..h]
+            } else {
+                &hs[(i * tt + d.time(s - 1)) * h..][..h]
+            };
+            p[d.time(s) * h..][..h].copy_from_slice(src);
+        }
+    });
+    let mut dw = vec![T::zero(); g * (h + 1)];
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    matmul(
+        (g, h, n * tt),
+        (&mut dw, h + 1, 1),
+        (gates, 1, g),
+        (&prev, h, 1),
+        false,
+        par,
+    );
+    let mut db = vec![T::zero(); g];
+    vectorized(
+        #[inline(always)]
+        || {
+            for row in gates.chunks_exact(g) {
+                for (a, &v) in db.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+        },
+    );
+    for (j, v) in db.into_iter().enumerate() {
+        dw[j * (h + 1) + h] = v;
+    }
+    dw
+}
+
+/// What one backward step of one sample reads: the new state `h`, the previous state and
+/// cell `hp`/`cp`, the gradients arriving on the state and cell outputs, the saved gates.
+struct StepGrads<'a, T> {
+    h: &'a [T],
+    hp: &'a [T],
+    cp: &'a [T],
+    dh_out: &'a [T],
+    dc_out: &'a [T],
+    save: &'a [T],
+}
+
+impl<T: Gate> StepGrads<'_, T> {
+    /// Writes the gradients of the gates' pre-activations on the input side `dx` (and, GRU,
+    /// on the recurrent side `dg`); `dh`/`dc` hold the gradient of the new state and cell
+    /// from later steps and are replaced by the parts of the previous ones that do not go
+    /// through `W_hh` (the GEMM adds the rest).
+    #[inline(always)]
+    fn run(&self, cell: Cell, hd: usize, dx: &mut [T], dg: &mut [T], dh: &mut [T], dc: &mut [T]) {
+        let one = T::one();
+        match cell {
+            Cell::Rnn { relu } => {
+                for j in 0..hd {
+                    let dht = dh[j] + self.dh_out[j];
+                    let y = self.h[j];
+                    dx[j] = if relu {
+                        if y > T::zero() { dht } else { T::zero() }
+                    } else {
+                        dht * (one - y * y)
+                    };
+                }
+            }
+            Cell::Gru => {
+                let s = self.save;
+                for j in 0..hd {
+                    let (r, z, nn, hn) = (s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j]);
+                    let dht = dh[j] + self.dh_out[j];
+                    let dn = dht * (one - z) * (one - nn * nn);
+                    let dz = dht * (self.hp[j] - nn) * z * (one - z);
+                    let dr = dn * hn * r * (one - r);
+                    dx[j] = dr;
+                    dx[hd + j] = dz;
+                    dx[2 * hd + j] = dn;
+                    dg[j] = dr;
+                    dg[hd + j] = dz;
+                    dg[2 * hd + j] = dn * r;
+                    dh[j] = dht * z;
+                }
+            }
+            Cell::Lstm => {
+                let s = self.save;
+                for j in 0..hd {
+                    let (i, f, gg, o, tc) = (s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j], s[4 * hd + j]);
+                    let dht = dh[j] + self.dh_out[j];
+                    let dct = dc[j] + self.dc_out[j] + dht * o * (one - tc * tc);
+                    dx[j] = dct * gg * i * (one - i);
+                    dx[hd + j] = dct * self.cp[j] * f * (one - f);
+                    dx[2 * hd + j] = dct * i * (one - gg * gg);
+                    dx[3 * hd + j] = dht * tc * o * (one - o);
+                    dc[j] = dct * f;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `$body` with `$t` bound to the element type of `$dtype` (f32 or f64).
+macro_rules! by_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            other => bail!("recurrence: only f32 and f64 are supported, got {other:?}"),
+        }
+    };
+}
+
+/// The CPU storage and layout of a tensor.
+fn cpu<'a>(s: &'a Storage) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => bail!("recurrence: only the CPU is supported"),
+    }
+}
+
+impl CustomOp3 for RecurrenceOp {
+    fn name(&self) -> &'static str {
+        "dlc-recurrence"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims;
+        let (out, saved) = by_dtype!(s1.dtype(), E => {
+            let (out, saved) = forward::<E>(d, elements(s1, l1)?, elements(s2, l2)?, elements(s3, l3)?);
+            (E::to_cpu_storage_owned(out), E::to_cpu_storage_owned(saved))
+        });
+        *self.saved.lock().expect("recurrence: poisoned") = Some(saved);
+        Ok((out, Shape::from((planes(d.cell), d.n, d.t, d.h))))
+    }
+
+    fn bwd(
+        &self,
+        xp: &Tensor,
+        w: &Tensor,
+        state0: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims;
+        let grad = grad.contiguous()?;
+        let saved = self.saved.lock().expect("recurrence: poisoned");
+        let Some(saved) = saved.as_ref() else {
+            bail!("recurrence: backward before forward")
+        };
+        let (ws, wl) = w.storage_and_layout();
+        let (ss, sl) = state0.storage_and_layout();
+        let (os, ol) = res.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (ws, ss, os, gs) = (cpu(&ws)?, cpu(&ss)?, cpu(&os)?, cpu(&gs)?);
+        let dev = xp.device();
+        let (dxp, dw, ds0) = by_dtype!(xp.dtype(), E => {
+            let (dxp, dw, ds0) = backward::<E>(
+                d,
+                elements(ws, wl)?,
+                elements(ss, sl)?,
+                elements(os, ol)?,
+                E::cpu_storage_as_slice(saved)?,
+                elements(gs, gl)?,
+            );
+            (
+                Tensor::from_vec(dxp, xp.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+                Tensor::from_vec(ds0, state0.shape(), dev)?,
+            )
+        });
+        Ok((Some(dxp), Some(dw), Some(ds0)))
+    }
+}
