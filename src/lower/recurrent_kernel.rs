@@ -1,19 +1,20 @@
 //! The recurrence of one `rnn`, `gru` or `lstm` layer in one direction as one custom op over
 //! the whole sequence, forward and backward through time by hand (CPU, f32 and f64).
 //!
-//! The op takes the input projections of every step, `xp = x W_ihᵀ + b_ih` (`[N, T, gates·H]`,
-//! computed outside as one matrix product), the recurrent weight with its bias as one matrix
-//! `[W_hh | b_hh]` (`[gates·H, H + 1]`) and the initial state `[S, N, H]` (`S = 2` for an LSTM:
-//! state then cell). It returns `[S, N, T, H]`: the state (and cell) after every step, at the
+//! The op takes the input projections of every step, `xp = x W_ihᵀ` (`[N, T, gates·H]`,
+//! computed outside as one matrix product), the recurrent weight with both biases as one matrix
+//! `[W_hh | b_hh | b_ih]` (`[gates·H, H + 2]`, so that the biases cost no pass of their own
+//! outside) and the initial state `[S, N, H]` (`S = 2` for an LSTM: state then cell). It returns `[S, N, T, H]`: the state (and cell) after every step, at the
 //! input's time positions (a reverse direction runs from `T − 1` down to 0), so that the layer's
 //! sequence output and final state are slices of it. Gate order and formulas are PyTorch's (see
 //! `recurrent.rs`); the GRU's `b_hn` stays inside `r ⊙ (W_hn h + b_hn)`.
 //!
-//! Per step the forward is one GEMM `h W_hhᵀ` and one fused pass for the bias, the gate
+//! Per step the forward is one GEMM `h W_hhᵀ` and one fused pass for the biases, the gate
 //! nonlinearities and the new state; the backward per step is one fused pass for the gradients
 //! of the gates' pre-activations and one GEMM `dgates · W_hh` for the previous state's gradient;
 //! `dW_hh` is a single GEMM over all steps at the end (from the gates' gradients and the
-//! previous states). Samples are independent, so the batch is cut into one block per thread of
+//! previous states). The forward's GEMM reads a transposed copy of `W_hh` (made once per
+//! call), the layout in which `gemm` multiplies without repacking the weight at every step. Samples are independent, so the batch is cut into one block per thread of
 //! rayon's pool and each block runs all its steps alone: no synchronisation per step, and each
 //! GEMM single-threaded (at d2l's sizes, 16 × 1024 × 256 per step and thread).
 //!
@@ -41,7 +42,8 @@ use super::kernel::{Float, vectorized};
 use crate::ops::sequence::Cell;
 
 /// Runs one layer's recurrence in one direction: `xp [N, T, gates·H]` the projected inputs
-/// (with `b_ih`), `w [gates·H, H + 1]` the recurrent weight with `b_hh` as its last column,
+/// `x W_ihᵀ`, `w [gates·H, H + 2]` the recurrent weight with `b_hh` and `b_ih` as its last
+/// columns,
 /// `state0 [S, N, H]` the initial state (and cell for an LSTM, `S = 2`). Returns the state
 /// (and cell) after every step, `[S, N, T, H]`, differentiable in all three inputs. CPU only,
 /// f32 or f64.
@@ -63,7 +65,7 @@ pub fn recurrence(
     if t == 0 {
         bail!("{}: the sequence has no steps", cell.name());
     }
-    if g != cell.gates() as usize * h || w.dims() != [g, h + 1] || state0.dims() != [s, n, h] {
+    if g != cell.gates() as usize * h || w.dims() != [g, h + 2] || state0.dims() != [s, n, h] {
         bail!(
             "{}: inputs {:?}, weight {:?}, initial state {:?} for hidden size {h}",
             cell.name(),
@@ -211,7 +213,15 @@ fn elements<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
 /// `[N, T, saved·H]`.
 fn forward<T: Gate>(d: Dims, xp: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>) {
     let (n, tt, h, g, k) = (d.n, d.t, d.h, d.g(), d.saved() * d.h);
-    let bias: Vec<T> = (0..g).map(|j| w[j * (h + 1) + h]).collect();
+    let bias_h: Vec<T> = (0..g).map(|j| w[j * (h + 2) + h]).collect();
+    let bias_x: Vec<T> = (0..g).map(|j| w[j * (h + 2) + h + 1]).collect();
+    // W_hhᵀ [H, G], row-major.
+    let mut w_t = vec![T::zero(); h * g];
+    for (j, row) in w.chunks_exact(h + 2).enumerate() {
+        for (i, &v) in row[..h].iter().enumerate() {
+            w_t[i * g + j] = v;
+        }
+    }
     let mut out = vec![T::zero(); planes(d.cell) * n * tt * h];
     let mut saved = vec![T::zero(); n * tt * k];
     let rows = d.block();
@@ -237,7 +247,7 @@ fn forward<T: Gate>(d: Dims, xp: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>
                     (m, g, h),
                     (gh, g, 1),
                     (hst, h, 1),
-                    (w, 1, h + 1),
+                    (&w_t, g, 1),
                     false,
                     Parallelism::None,
                 );
@@ -250,7 +260,7 @@ fn forward<T: Gate>(d: Dims, xp: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>
                     let save = &mut sv[(r * tt + t) * k..][..k];
                     vectorized(
                         #[inline(always)]
-                        || step_forward(d.cell, h, x, ghr, &bias, hrow, crow, save),
+                        || step_forward(d.cell, h, x, ghr, (&bias_x, &bias_h), hrow, crow, save),
                     );
                     hs[at..][..h].copy_from_slice(hrow);
                     if d.cell == Cell::Lstm {
@@ -263,8 +273,9 @@ fn forward<T: Gate>(d: Dims, xp: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>
     (out, saved)
 }
 
-/// One step of one sample: `x` the projected input, `gh` = `h W_hhᵀ` (without bias), `h`/`c`
-/// the state and cell (replaced by the new ones), `save` what the backward needs.
+/// One step of one sample: `x` the projected input, `gh` = `h W_hhᵀ` (both without bias),
+/// `bias` = `(b_ih, b_hh)`, `h`/`c` the state and cell (replaced by the new ones), `save` what
+/// the backward needs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn step_forward<T: Gate>(
@@ -272,7 +283,7 @@ fn step_forward<T: Gate>(
     hd: usize,
     x: &[T],
     gh: &[T],
-    bias: &[T],
+    (bx, bh): (&[T], &[T]),
     h: &mut [T],
     c: &mut [T],
     save: &mut [T],
@@ -280,7 +291,7 @@ fn step_forward<T: Gate>(
     match cell {
         Cell::Rnn { relu } => {
             for j in 0..hd {
-                let pre = x[j] + gh[j] + bias[j];
+                let pre = (x[j] + bx[j]) + (gh[j] + bh[j]);
                 h[j] = if relu {
                     if pre > T::zero() { pre } else { T::zero() }
                 } else {
@@ -293,10 +304,10 @@ fn step_forward<T: Gate>(
             let (sz, rest) = rest.split_at_mut(hd);
             let (sn, shn) = rest.split_at_mut(hd);
             for j in 0..hd {
-                let r = (x[j] + gh[j] + bias[j]).sigmoid();
-                let z = (x[hd + j] + gh[hd + j] + bias[hd + j]).sigmoid();
-                let hn = gh[2 * hd + j] + bias[2 * hd + j];
-                let nn = (x[2 * hd + j] + r * hn).tanh();
+                let r = ((x[j] + bx[j]) + (gh[j] + bh[j])).sigmoid();
+                let z = ((x[hd + j] + bx[hd + j]) + (gh[hd + j] + bh[hd + j])).sigmoid();
+                let hn = gh[2 * hd + j] + bh[2 * hd + j];
+                let nn = ((x[2 * hd + j] + bx[2 * hd + j]) + r * hn).tanh();
                 let hp = h[j];
                 h[j] = nn + z * (hp - nn);
                 sr[j] = r;
@@ -311,7 +322,10 @@ fn step_forward<T: Gate>(
             let (sg, rest) = rest.split_at_mut(hd);
             let (so, stc) = rest.split_at_mut(hd);
             for j in 0..hd {
-                let pre = |q: usize| x[q * hd + j] + gh[q * hd + j] + bias[q * hd + j];
+                let pre = |q: usize| {
+                    let k = q * hd + j;
+                    (x[k] + bx[k]) + (gh[k] + bh[k])
+                };
                 let i = pre(0).sigmoid();
                 let f = pre(1).sigmoid();
                 let gg = pre(2).tanh();
@@ -410,7 +424,7 @@ fn backward<T: Gate>(
                         (m, h, g),
                         (dh, h, 1),
                         (&gates[t * g..], tt * g, 1),
-                        (w, h + 1, 1),
+                        (w, h + 2, 1),
                         d.cell == Cell::Gru,
                         Parallelism::None,
                     );
@@ -422,13 +436,14 @@ fn backward<T: Gate>(
             });
         });
     let gates: &[T] = if dgh.is_empty() { &dxp } else { &dgh };
-    let dw = weight_grad(d, gates, state0, &out[..plane]);
+    let dw = weight_grad(d, &dxp, gates, state0, &out[..plane]);
     (dxp, dw, dstate0)
 }
 
-/// `[dW_hh | db_hh]` from the gradients of `h W_hhᵀ + b_hh` over all steps (`[N, T, gates·H]`)
-/// and the states: one GEMM against the previous state of every step.
-fn weight_grad<T: Gate>(d: Dims, gates: &[T], state0: &[T], hs: &[T]) -> Vec<T> {
+/// `[dW_hh | db_hh | db_ih]` from the gradients of `x W_ihᵀ + b_ih` and of `h W_hhᵀ + b_hh`
+/// over all steps (`dxp`, `dgh`: `[N, T, gates·H]`) and the states `hs [N, T, H]`: one GEMM
+/// against the previous state of every step, and column sums.
+fn weight_grad<T: Gate>(d: Dims, dxp: &[T], dgh: &[T], state0: &[T], hs: &[T]) -> Vec<T> {
     let (n, tt, h, g) = (d.n, d.t, d.h, d.g());
     let mut prev = vec![T::zero(); n * tt * h];
     prev.par_chunks_mut(tt * h).enumerate().for_each(|(i, p)| {
@@ -441,7 +456,7 @@ fn weight_grad<T: Gate>(d: Dims, gates: &[T], state0: &[T], hs: &[T]) -> Vec<T> 
             p[d.time(s) * h..][..h].copy_from_slice(src);
         }
     });
-    let mut dw = vec![T::zero(); g * (h + 1)];
+    let mut dw = vec![T::zero(); g * (h + 2)];
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
         Parallelism::Rayon(threads)
@@ -450,27 +465,34 @@ fn weight_grad<T: Gate>(d: Dims, gates: &[T], state0: &[T], hs: &[T]) -> Vec<T> 
     };
     matmul(
         (g, h, n * tt),
-        (&mut dw, h + 1, 1),
-        (gates, 1, g),
+        (&mut dw, h + 2, 1),
+        (dgh, 1, g),
         (&prev, h, 1),
         false,
         par,
     );
-    let mut db = vec![T::zero(); g];
+    for (column, grads) in [(h, dgh), (h + 1, dxp)] {
+        for (j, v) in column_sums(grads, g).into_iter().enumerate() {
+            dw[j * (h + 2) + column] = v;
+        }
+    }
+    dw
+}
+
+/// The sums of the columns of a row-major matrix with `width` columns.
+fn column_sums<T: Gate>(m: &[T], width: usize) -> Vec<T> {
+    let mut sums = vec![T::zero(); width];
     vectorized(
         #[inline(always)]
         || {
-            for row in gates.chunks_exact(g) {
-                for (a, &v) in db.iter_mut().zip(row) {
+            for row in m.chunks_exact(width) {
+                for (a, &v) in sums.iter_mut().zip(row) {
                     *a += v;
                 }
             }
         },
     );
-    for (j, v) in db.into_iter().enumerate() {
-        dw[j * (h + 1) + h] = v;
-    }
-    dw
+    sums
 }
 
 /// What one backward step of one sample reads: the new state `h`, the previous state and
@@ -622,5 +644,57 @@ impl CustomOp3 for RecurrenceOp {
             )
         });
         Ok((Some(dxp), Some(dw), Some(ds0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lower::gradcheck::{check_grads, random};
+
+    /// Checks the gradients of every input for every cell, both directions, with the loss on
+    /// every output element (so gradients arrive on the final state and cell as well as on
+    /// the sequence). `N = 3`, `T = 4`, `H = 3`.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (n, t, h) = (3, 4, 3);
+        for cell in [
+            Cell::Rnn { relu: false },
+            Cell::Rnn { relu: true },
+            Cell::Gru,
+            Cell::Lstm,
+        ] {
+            let g = cell.gates() as usize * h;
+            for reverse in [false, true] {
+                let inputs = [
+                    random(&[n, t, g], 1),
+                    random(&[g, h + 2], 2),
+                    random(&[planes(cell), n, h], 3),
+                ];
+                check_grads(
+                    |x| recurrence(cell, &x[0], &x[1], &x[2], reverse),
+                    &inputs,
+                    1e-6,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn polynomial_exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let exact = (x as f64).exp();
+            worst = worst.max((exp_f32(x) as f64 - exact).abs() / exact);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_f32(-1000.0), exp_f32(-87.0));
+        assert!(exp_f32(-87.0) > 0.0 && exp_f32(1000.0).is_finite());
+        assert!(exp_f32(f32::NAN).is_nan());
+        for x in [-30.0f32, -1.0, -1e-3, 0.0, 1e-3, 0.5, 30.0] {
+            assert!((Gate::tanh(x) - x.tanh()).abs() < 2e-7, "tanh {x}");
+            assert!((Gate::sigmoid(x) - 1.0 / (1.0 + (-x).exp())).abs() < 2e-7, "sigmoid {x}");
+        }
     }
 }
