@@ -1,14 +1,9 @@
-//! Recurrent layers (`rnn`, `gru`, `lstm`) from differentiable candle primitives, so that
-//! candle's autograd gives the backward through time (checked by finite differences below
-//! and against PyTorch in `tests/torch_reference.rs`).
-//!
-//! The recurrence runs step by step on one `[N, features]` tensor per step: the input is cut
-//! into steps once (through √T blocks, see [`time_steps`]) and each step's input projection
-//! `x_t W_ihᵀ + b_ih` is its own matrix product. Projecting the whole sequence in one product
-//! and cutting the result into steps would be as fast forwards, but the backward of each cut
-//! is a zero-padded gradient of the whole projection, `T²·N·gates·H` in all: measured on
-//! d2l's LSTM (28 → 256, 35 steps, batch 32) that made the backward pass two to four times
-//! slower. Gate order and formulas are PyTorch's:
+//! Recurrent layers (`rnn`, `gru`, `lstm`). Without attention each layer and direction is one
+//! matrix product for the input projections of all steps (candle autograd) and one
+//! [`recurrence`] custom op over the whole sequence, with its own forward and backward through
+//! time (`recurrent_kernel.rs`); both are checked by finite differences and against the cells
+//! composed from candle primitives below, and against PyTorch in `tests/torch_reference.rs`.
+//! Gate order and formulas are PyTorch's, with `x̂ = x W_ihᵀ + b_ih`:
 //!
 //! * RNN: `h' = act(x̂ + h W_hhᵀ + b_hh)`
 //! * GRU: `r = σ(x̂_r + ĥ_r)`, `z = σ(x̂_z + ĥ_z)`, `n = tanh(x̂_n + r ⊙ ĥ_n)`,
@@ -19,7 +14,9 @@
 //! With `attend`, the first layer's input at every step is the additive-attention context
 //! over the memory (queried with the top layer's state of the previous step) concatenated
 //! before the step's input, as d2l's `Seq2SeqAttentionDecoder`; the layers then run step by
-//! step, each step through the whole stack.
+//! step, each step through the whole stack, with the cells composed from candle primitives
+//! (`step`): the input of a step depends on the output of the one before, so neither the
+//! projection of all steps at once nor the recurrence kernel applies.
 
 use candle_core::{Result, Tensor, Var};
 
