@@ -287,14 +287,13 @@ fn layer_by_layer(
             let k = l * d + dir;
             let w = &cells[k];
             let xp = linear(&flat, &w.w_ih, None)?;
-            let xp = xp.reshape((n, steps, xp.dim(1)?))?;
             let w_hh = Tensor::cat(&[&w.w_hh, &w.b_hh.unsqueeze(1)?, &w.b_ih.unsqueeze(1)?], 1)?;
             let state0 = if lstm {
                 Tensor::stack(&[&hs[k], &cs[k]], 0)?
             } else {
                 hs[k].unsqueeze(0)?
             };
-            let states = recurrence(cfg.cell, &xp, &w_hh, &state0, dir == 1)?;
+            let states = recurrence(cfg.cell, &xp, &w_hh, &state0, steps, dir == 1)?;
             let last = if dir == 0 { steps - 1 } else { 0 };
             let at_last = |plane: usize| states.get(plane)?.narrow(1, last, 1)?.squeeze(1);
             hs[k] = at_last(0)?;

@@ -1,8 +1,9 @@
 //! The recurrence of one `rnn`, `gru` or `lstm` layer in one direction as one custom op over
 //! the whole sequence, forward and backward through time by hand (CPU, f32 and f64).
 //!
-//! The op takes the input projections of every step, `xp = x W_ihᵀ` (`[N, T, gates·H]`,
-//! computed outside as one matrix product), the recurrent weight with both biases as one matrix
+//! The op takes the input projections of every step, `xp = x W_ihᵀ` (`[N·T, gates·H]`, sample
+//! after sample, computed outside as one matrix product: 2-D, so that no reshape between the
+//! product and the op adds a node and its gradient buffer to candle's backward), the recurrent weight with both biases as one matrix
 //! `[W_hh | b_hh | b_ih]` (`[gates·H, H + 2]`, so that the biases cost no pass of their own
 //! outside) and the initial state `[S, N, H]` (`S = 2` for an LSTM: state then cell). It returns `[S, N, T, H]`: the state (and cell) after every step, at the
 //! input's time positions (a reverse direction runs from `T − 1` down to 0), so that the layer's
@@ -41,8 +42,8 @@ use super::conv_kernel::matmul;
 use super::kernel::{Float, vectorized};
 use crate::ops::sequence::Cell;
 
-/// Runs one layer's recurrence in one direction: `xp [N, T, gates·H]` the projected inputs
-/// `x W_ihᵀ`, `w [gates·H, H + 2]` the recurrent weight with `b_hh` and `b_ih` as its last
+/// Runs one layer's recurrence in one direction over `steps` steps: `xp [N·T, gates·H]` the
+/// projected inputs `x W_ihᵀ` (rows sample-major), `w [gates·H, H + 2]` the recurrent weight with `b_hh` and `b_ih` as its last
 /// columns,
 /// `state0 [S, N, H]` the initial state (and cell for an LSTM, `S = 2`). Returns the state
 /// (and cell) after every step, `[S, N, T, H]`, differentiable in all three inputs. CPU only,
@@ -52,6 +53,7 @@ pub fn recurrence(
     xp: &Tensor,
     w: &Tensor,
     state0: &Tensor,
+    steps: usize,
     reverse: bool,
 ) -> Result<Tensor> {
     if !xp.device().is_cpu() {
@@ -60,12 +62,14 @@ pub fn recurrence(
     if !matches!(xp.dtype(), DType::F32 | DType::F64) {
         bail!("{}: only f32 and f64 are supported, got {:?}", cell.name(), xp.dtype());
     }
-    let (n, t, g) = xp.dims3()?;
+    let (rows, g) = xp.dims2()?;
     let (s, h) = (planes(cell), state0.dim(2)?);
-    if t == 0 {
+    if steps == 0 {
         bail!("{}: the sequence has no steps", cell.name());
     }
-    if g != cell.gates() as usize * h || w.dims() != [g, h + 2] || state0.dims() != [s, n, h] {
+    let (n, t) = (rows / steps, steps);
+    if rows % steps != 0
+        || g != cell.gates() as usize * h || w.dims() != [g, h + 2] || state0.dims() != [s, n, h] {
         bail!(
             "{}: inputs {:?}, weight {:?}, initial state {:?} for hidden size {h}",
             cell.name(),
@@ -667,12 +671,12 @@ mod tests {
             let g = cell.gates() as usize * h;
             for reverse in [false, true] {
                 let inputs = [
-                    random(&[n, t, g], 1),
+                    random(&[n * t, g], 1),
                     random(&[g, h + 2], 2),
                     random(&[planes(cell), n, h], 3),
                 ];
                 check_grads(
-                    |x| recurrence(cell, &x[0], &x[1], &x[2], reverse),
+                    |x| recurrence(cell, &x[0], &x[1], &x[2], t, reverse),
                     &inputs,
                     1e-6,
                 );
