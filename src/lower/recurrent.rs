@@ -1,8 +1,7 @@
 //! Recurrent layers (`rnn`, `gru`, `lstm`). Without attention each layer and direction is one
-//! matrix product for the input projections of all steps (candle autograd) and one
 //! [`recurrence`] custom op over the whole sequence, with its own forward and backward through
-//! time (`recurrent_kernel.rs`); both are checked by finite differences and against the cells
-//! composed from candle primitives below, and against PyTorch in `tests/torch_reference.rs`.
+//! time (`recurrent_kernel.rs`), checked by finite differences and against the cells composed
+//! from candle primitives below, and against PyTorch in `tests/torch_reference.rs`.
 //! Gate order and formulas are PyTorch's, with `x̂ = x W_ihᵀ + b_ih`:
 //!
 //! * RNN: `h' = act(x̂ + h W_hhᵀ + b_hh)`
@@ -260,9 +259,8 @@ fn step(
 }
 
 /// Without attention: each layer and direction runs over the whole sequence before the next
-/// layer starts, as one [`recurrence`] on the sequence's input projections (one matrix
-/// product for all steps). `hs`/`cs` hold the initial states per layer and direction and are
-/// replaced by the final ones.
+/// layer starts, as one [`recurrence`]. `hs`/`cs` hold the initial states per layer and
+/// direction and are replaced by the final ones.
 fn layer_by_layer(
     cfg: &RecurrentCfg,
     x: &Tensor,
@@ -286,21 +284,35 @@ fn layer_by_layer(
         for dir in 0..d {
             let k = l * d + dir;
             let w = &cells[k];
-            let xp = linear(&flat, &w.w_ih, None)?;
-            let w_hh = Tensor::cat(&[&w.w_hh, &w.b_hh.unsqueeze(1)?, &w.b_ih.unsqueeze(1)?], 1)?;
+            let weights = Tensor::cat(
+                &[
+                    &w.w_ih,
+                    &w.w_hh,
+                    &w.b_hh.unsqueeze(1)?,
+                    &w.b_ih.unsqueeze(1)?,
+                ],
+                1,
+            )?;
             let state0 = if lstm {
                 Tensor::stack(&[&hs[k], &cs[k]], 0)?
             } else {
                 hs[k].unsqueeze(0)?
             };
-            let states = recurrence(cfg.cell, &xp, &w_hh, &state0, steps, dir == 1)?;
+            let states = recurrence(cfg.cell, &flat, &weights, &state0, steps, dir == 1)?;
+            // [S·N, T, H]: the states, then (LSTM) the cells; a GRU's or RNN's is the sequence
+            // itself, with no view in between.
+            let (sequence, cells) = if lstm {
+                (states.narrow(0, 0, n)?, Some(states.narrow(0, n, n)?))
+            } else {
+                (states, None)
+            };
             let last = if dir == 0 { steps - 1 } else { 0 };
-            let at_last = |plane: usize| states.get(plane)?.narrow(1, last, 1)?.squeeze(1);
-            hs[k] = at_last(0)?;
-            if lstm {
-                cs[k] = at_last(1)?;
+            let at_last = |s: &Tensor| s.narrow(1, last, 1)?.squeeze(1);
+            hs[k] = at_last(&sequence)?;
+            if let Some(cells) = cells {
+                cs[k] = at_last(&cells)?;
             }
-            outputs.push(states.get(0)?);
+            outputs.push(sequence);
         }
         seq = if d == 1 {
             outputs.pop().unwrap_or(seq)
@@ -496,9 +508,15 @@ mod tests {
             Some(s) => s.narrow(1, k, 1)?.squeeze(1),
             None => Ok(zeros.clone()),
         };
-        let mut hs: Vec<Tensor> = (0..cells.len()).map(|k| initial(h0, k)).collect::<Result<_>>()?;
-        let mut cs: Vec<Tensor> = (0..cells.len()).map(|k| initial(c0, k)).collect::<Result<_>>()?;
-        let mut seq: Vec<Tensor> = (0..steps).map(|t| x.narrow(1, t, 1)?.squeeze(1)).collect::<Result<_>>()?;
+        let mut hs: Vec<Tensor> = (0..cells.len())
+            .map(|k| initial(h0, k))
+            .collect::<Result<_>>()?;
+        let mut cs: Vec<Tensor> = (0..cells.len())
+            .map(|k| initial(c0, k))
+            .collect::<Result<_>>()?;
+        let mut seq: Vec<Tensor> = (0..steps)
+            .map(|t| x.narrow(1, t, 1)?.squeeze(1))
+            .collect::<Result<_>>()?;
         for l in 0..cfg.layers as usize {
             let mut outputs = Vec::new();
             for dir in 0..d {
@@ -534,7 +552,10 @@ mod tests {
         f: impl Fn(&[Tensor]) -> Result<Tensor>,
         inputs: &[Tensor],
     ) -> (Tensor, Vec<Tensor>) {
-        let vars: Vec<Var> = inputs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|x| Var::from_tensor(x).unwrap())
+            .collect();
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&xs).unwrap();
         let r = random(y.dims(), 9).to_dtype(y.dtype()).unwrap();
@@ -547,7 +568,12 @@ mod tests {
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         let largest = |t: &Tensor| -> f64 {
             let t = t.to_dtype(DType::F64).unwrap().abs().unwrap();
-            t.flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+            t.flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         largest(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
             / largest(b).max(1.0)
@@ -558,7 +584,12 @@ mod tests {
     /// thread) and 6 steps.
     #[test]
     fn kernel_matches_the_composed_cells() {
-        for cell in [Cell::Rnn { relu: false }, Cell::Rnn { relu: true }, Cell::Gru, Cell::Lstm] {
+        for cell in [
+            Cell::Rnn { relu: false },
+            Cell::Rnn { relu: true },
+            Cell::Gru,
+            Cell::Lstm,
+        ] {
             let mut cfg = cfg(cell, 8, 2, true);
             cfg.state = true;
             cfg.cell_state = cell == Cell::Lstm;
@@ -572,7 +603,8 @@ mod tests {
                 inputs.push(random(&[batch, slots, 8], 3));
             }
             for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-                let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+                let inputs: Vec<Tensor> =
+                    inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
                 let outputs = |kernel: bool| {
                     value_and_grads(
                         |t| {
@@ -592,7 +624,10 @@ mod tests {
                 let (y2, g2) = outputs(false);
                 assert!(max_rel_diff(&y1, &y2) < tol, "{cell:?} {dtype:?} forward");
                 for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-                    assert!(max_rel_diff(a, b) < tol, "{cell:?} {dtype:?} gradient of input {i}");
+                    assert!(
+                        max_rel_diff(a, b) < tol,
+                        "{cell:?} {dtype:?} gradient of input {i}"
+                    );
                 }
             }
         }

@@ -1,23 +1,27 @@
-//! The recurrence of one `rnn`, `gru` or `lstm` layer in one direction as one custom op over
-//! the whole sequence, forward and backward through time by hand (CPU, f32 and f64).
+//! One `rnn`, `gru` or `lstm` layer in one direction as one custom op over the whole sequence,
+//! forward and backward through time by hand (CPU, f32 and f64).
 //!
-//! The op takes the input projections of every step, `xp = x W_ihᵀ` (`[N·T, gates·H]`, sample
-//! after sample, computed outside as one matrix product: 2-D, so that no reshape between the
-//! product and the op adds a node and its gradient buffer to candle's backward), the recurrent weight with both biases as one matrix
-//! `[W_hh | b_hh | b_ih]` (`[gates·H, H + 2]`, so that the biases cost no pass of their own
-//! outside) and the initial state `[S, N, H]` (`S = 2` for an LSTM: state then cell). It returns `[S, N, T, H]`: the state (and cell) after every step, at the
-//! input's time positions (a reverse direction runs from `T − 1` down to 0), so that the layer's
-//! sequence output and final state are slices of it. Gate order and formulas are PyTorch's (see
-//! `recurrent.rs`); the GRU's `b_hn` stays inside `r ⊙ (W_hn h + b_hn)`.
+//! The op takes the layer's input `[N·T, I]` (rows sample after sample), its weights as one
+//! matrix `[W_ih | W_hh | b_hh | b_ih]` (`[gates·H, I + H + 2]`) and the initial state
+//! `[S, N, H]` (`S = 2` for an LSTM: state then cell). It returns `[S·N, T, H]`: the state (and
+//! cell) after every step, at the input's time positions (a reverse direction runs from
+//! `T − 1` down to 0), so that the layer's sequence output is the op's output itself (GRU,
+//! RNN) or its first `N` rows (LSTM) and the final state a slice. Gate order and formulas are
+//! PyTorch's (see `recurrent.rs`); the GRU's `b_hn` stays inside `r ⊙ (W_hn h + b_hn)`.
 //!
-//! Per step the forward is one GEMM `h W_hhᵀ` and one fused pass for the biases, the gate
-//! nonlinearities and the new state; the backward per step is one fused pass for the gradients
-//! of the gates' pre-activations and one GEMM `dgates · W_hh` for the previous state's gradient;
-//! `dW_hh` is a single GEMM over all steps at the end (from the gates' gradients and the
-//! previous states). The forward's GEMM reads a transposed copy of `W_hh` (made once per
-//! call), the layout in which `gemm` multiplies without repacking the weight at every step. Samples are independent, so the batch is cut into one block per thread of
+//! The forward projects the inputs of all steps in one GEMM `x W_ihᵀ` (on the whole pool),
+//! then per step does one GEMM `h W_hhᵀ` and one fused pass for the biases, the gate
+//! nonlinearities and the new state. The backward per step is one fused pass for the gradients
+//! of the gates' pre-activations and one GEMM `dgates · W_hh` for the previous state's
+//! gradient; `dW_ih`, `dW_hh` and the input's gradient are one GEMM each over all steps at the
+//! end, the biases' gradients column sums. Keeping the input projection inside the op keeps its
+//! `[N·T, gates·H]` gradient out of candle's backward, which would allocate, zero and add a
+//! buffer of that size for it. The forward's per-step GEMM reads a transposed copy of `W_hh`
+//! (made once per call), the layout in which `gemm` multiplies without repacking the weight at
+//! every step. Samples are independent, so the batch is cut into one block per thread of
 //! rayon's pool and each block runs all its steps alone: no synchronisation per step, and each
-//! GEMM single-threaded (at d2l's sizes, 16 × 1024 × 256 per step and thread).
+//! per-step GEMM single-threaded (at d2l's sizes, 16 × 1024 × 256 per step and thread; one
+//! block with both threads in each GEMM measured slower).
 //!
 //! What the backward needs beyond the outputs (the gates after their nonlinearity: LSTM
 //! `i, f, g, o, tanh c`; GRU `r, z, n` and `W_hn h + b_hn`) is kept from the forward inside the
@@ -42,38 +46,41 @@ use super::conv_kernel::matmul;
 use super::kernel::{Float, vectorized};
 use crate::ops::sequence::Cell;
 
-/// Runs one layer's recurrence in one direction over `steps` steps: `xp [N·T, gates·H]` the
-/// projected inputs `x W_ihᵀ` (rows sample-major), `w [gates·H, H + 2]` the recurrent weight with `b_hh` and `b_ih` as its last
-/// columns,
+/// Runs one layer in one direction over `steps` steps: `x [N·T, I]` the input (rows
+/// sample-major), `w [gates·H, I + H + 2]` the weights `[W_ih | W_hh | b_hh | b_ih]`,
 /// `state0 [S, N, H]` the initial state (and cell for an LSTM, `S = 2`). Returns the state
-/// (and cell) after every step, `[S, N, T, H]`, differentiable in all three inputs. CPU only,
+/// (and cell) after every step, `[S·N, T, H]`, differentiable in all three inputs. CPU only,
 /// f32 or f64.
 pub fn recurrence(
     cell: Cell,
-    xp: &Tensor,
+    x: &Tensor,
     w: &Tensor,
     state0: &Tensor,
     steps: usize,
     reverse: bool,
 ) -> Result<Tensor> {
-    if !xp.device().is_cpu() {
+    if !x.device().is_cpu() {
         bail!("{}: only the CPU is supported", cell.name());
     }
-    if !matches!(xp.dtype(), DType::F32 | DType::F64) {
-        bail!("{}: only f32 and f64 are supported, got {:?}", cell.name(), xp.dtype());
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        bail!(
+            "{}: only f32 and f64 are supported, got {:?}",
+            cell.name(),
+            x.dtype()
+        );
     }
-    let (rows, g) = xp.dims2()?;
+    let (rows, i) = x.dims2()?;
     let (s, h) = (planes(cell), state0.dim(2)?);
     if steps == 0 {
         bail!("{}: the sequence has no steps", cell.name());
     }
     let (n, t) = (rows / steps, steps);
-    if rows % steps != 0
-        || g != cell.gates() as usize * h || w.dims() != [g, h + 2] || state0.dims() != [s, n, h] {
+    let g = cell.gates() as usize * h;
+    if rows % steps != 0 || w.dims() != [g, i + h + 2] || state0.dims() != [s, n, h] {
         bail!(
-            "{}: inputs {:?}, weight {:?}, initial state {:?} for hidden size {h}",
+            "{}: input {:?} over {steps} steps, weights {:?}, initial state {:?} for hidden size {h}",
             cell.name(),
-            xp.dims(),
+            x.dims(),
             w.dims(),
             state0.dims()
         );
@@ -84,11 +91,12 @@ pub fn recurrence(
             reverse,
             n,
             t,
+            i,
             h,
         },
         saved: Mutex::new(None),
     };
-    xp.contiguous()?
+    x.contiguous()?
         .apply_op3(&w.contiguous()?, &state0.contiguous()?, op)
 }
 
@@ -106,6 +114,8 @@ struct Dims {
     n: usize,
     /// Steps.
     t: usize,
+    /// Input features.
+    i: usize,
     /// Hidden size.
     h: usize,
 }
@@ -114,6 +124,11 @@ impl Dims {
     /// Gate rows `gates·H`.
     fn g(&self) -> usize {
         self.cell.gates() as usize * self.h
+    }
+
+    /// Columns of the weights `[W_ih | W_hh | b_hh | b_ih]`.
+    fn width(&self) -> usize {
+        self.i + self.h + 2
     }
 
     /// Values kept per sample and step for the backward, in units of `H`.
@@ -132,7 +147,8 @@ impl Dims {
 
     /// Samples per block: the batch cut into one block per thread.
     fn block(&self) -> usize {
-        self.n.div_ceil(rayon::current_num_threads().clamp(1, self.n))
+        self.n
+            .div_ceil(rayon::current_num_threads().clamp(1, self.n))
     }
 }
 
@@ -213,17 +229,35 @@ fn elements<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
-/// The forward over all steps: returns the states `[S, N, T, H]` and the saved gate values
+/// The GEMM parallelism over the whole pool.
+fn pool() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
+    }
+}
+
+/// The forward over all steps: returns the states `[S·N, T, H]` and the saved gate values
 /// `[N, T, saved·H]`.
-fn forward<T: Gate>(d: Dims, xp: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>) {
-    let (n, tt, h, g, k) = (d.n, d.t, d.h, d.g(), d.saved() * d.h);
-    let bias_h: Vec<T> = (0..g).map(|j| w[j * (h + 2) + h]).collect();
-    let bias_x: Vec<T> = (0..g).map(|j| w[j * (h + 2) + h + 1]).collect();
+fn forward<T: Gate>(d: Dims, x: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>) {
+    let (n, tt, h, g, k, wc) = (d.n, d.t, d.h, d.g(), d.saved() * d.h, d.width());
+    // The input projections of all steps, x W_ihᵀ.
+    let mut xp = vec![T::zero(); n * tt * g];
+    matmul(
+        (n * tt, g, d.i),
+        (&mut xp, g, 1),
+        (x, d.i, 1),
+        (w, 1, wc),
+        false,
+        pool(),
+    );
+    let bias_h: Vec<T> = (0..g).map(|j| w[j * wc + d.i + h]).collect();
+    let bias_x: Vec<T> = (0..g).map(|j| w[j * wc + d.i + h + 1]).collect();
     // W_hhᵀ [H, G], row-major.
     let mut w_t = vec![T::zero(); h * g];
-    for (j, row) in w.chunks_exact(h + 2).enumerate() {
-        for (i, &v) in row[..h].iter().enumerate() {
-            w_t[i * g + j] = v;
+    for (j, row) in w.chunks_exact(wc).enumerate() {
+        for (c, &v) in row[d.i..][..h].iter().enumerate() {
+            w_t[c * g + j] = v;
         }
     }
     let mut out = vec![T::zero(); planes(d.cell) * n * tt * h];
@@ -348,18 +382,21 @@ fn step_forward<T: Gate>(
     }
 }
 
-/// The gradients of [`forward`] for `dout [S, N, T, H]`, the gradient arriving on its output
-/// `out`: returns those of the projected inputs `[N, T, gates·H]`, of `[W_hh | b_hh]`
-/// `[gates·H, H + 1]` and of the initial state `[S, N, H]`.
+/// The gradients of [`forward`] for `dout [S·N, T, H]`, the gradient arriving on its output
+/// `out`: returns those of the input `[N·T, I]` (when `input_grad`), of the weights
+/// `[gates·H, I + H + 2]` and of the initial state `[S, N, H]`.
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Gate>(
     d: Dims,
+    x: &[T],
+    input_grad: bool,
     w: &[T],
     state0: &[T],
     out: &[T],
     saved: &[T],
     dout: &[T],
-) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (n, tt, h, g, k) = (d.n, d.t, d.h, d.g(), d.saved() * d.h);
+) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    let (n, tt, h, g, k, wc) = (d.n, d.t, d.h, d.g(), d.saved() * d.h, d.width());
     let lstm = d.cell == Cell::Lstm;
     let plane = n * tt * h;
     let mut dxp = vec![T::zero(); n * tt * g];
@@ -377,7 +414,13 @@ fn backward<T: Gate>(
     let (dh0, dc0) = dstate0.split_at_mut(n * h);
     let dh0 = blocks(dh0, rows * h, count);
     let dc0 = blocks(dc0, rows * h, count);
-    let jobs: Vec<_> = dx.into_iter().zip(dg).zip(dh0).zip(dc0).enumerate().collect();
+    let jobs: Vec<_> = dx
+        .into_iter()
+        .zip(dg)
+        .zip(dh0)
+        .zip(dc0)
+        .enumerate()
+        .collect();
     jobs.into_par_iter()
         .for_each(|(b, (((dx, dg), dh0), dc0))| {
             let (r0, m) = (b * rows, rows.min(n - b * rows));
@@ -394,11 +437,22 @@ fn backward<T: Gate>(
                         let (hp, cp) = match prev {
                             Some(tp) => {
                                 let p = (sample * tt + tp) * h;
-                                (&out[p..][..h], if lstm { &out[plane + p..][..h] } else { &[][..] })
+                                (
+                                    &out[p..][..h],
+                                    if lstm {
+                                        &out[plane + p..][..h]
+                                    } else {
+                                        &[][..]
+                                    },
+                                )
                             }
                             None => (
                                 &state0[sample * h..][..h],
-                                if lstm { &state0[(n + sample) * h..][..h] } else { &[][..] },
+                                if lstm {
+                                    &state0[(n + sample) * h..][..h]
+                                } else {
+                                    &[][..]
+                                },
                             ),
                         };
                         let grads = StepGrads {
@@ -406,7 +460,11 @@ fn backward<T: Gate>(
                             hp,
                             cp,
                             dh_out: &dout[at..][..h],
-                            dc_out: if lstm { &dout[plane + at..][..h] } else { &[][..] },
+                            dc_out: if lstm {
+                                &dout[plane + at..][..h]
+                            } else {
+                                &[][..]
+                            },
                             save: &saved[(sample * tt + t) * k..][..k],
                         };
                         let dxr = &mut dx[(r * tt + t) * g..][..g];
@@ -428,7 +486,7 @@ fn backward<T: Gate>(
                         (m, h, g),
                         (dh, h, 1),
                         (&gates[t * g..], tt * g, 1),
-                        (w, h + 2, 1),
+                        (&w[d.i..], wc, 1),
                         d.cell == Cell::Gru,
                         Parallelism::None,
                     );
@@ -440,15 +498,29 @@ fn backward<T: Gate>(
             });
         });
     let gates: &[T] = if dgh.is_empty() { &dxp } else { &dgh };
-    let dw = weight_grad(d, &dxp, gates, state0, &out[..plane]);
-    (dxp, dw, dstate0)
+    let dw = weight_grad(d, x, &dxp, gates, state0, &out[..plane]);
+    let dx = input_grad.then(|| {
+        // dx = dxp W_ih
+        let mut dx = vec![T::zero(); n * tt * d.i];
+        matmul(
+            (n * tt, d.i, g),
+            (&mut dx, d.i, 1),
+            (&dxp, g, 1),
+            (w, wc, 1),
+            false,
+            pool(),
+        );
+        dx
+    });
+    (dx, dw, dstate0)
 }
 
-/// `[dW_hh | db_hh | db_ih]` from the gradients of `x W_ihᵀ + b_ih` and of `h W_hhᵀ + b_hh`
-/// over all steps (`dxp`, `dgh`: `[N, T, gates·H]`) and the states `hs [N, T, H]`: one GEMM
-/// against the previous state of every step, and column sums.
-fn weight_grad<T: Gate>(d: Dims, dxp: &[T], dgh: &[T], state0: &[T], hs: &[T]) -> Vec<T> {
-    let (n, tt, h, g) = (d.n, d.t, d.h, d.g());
+/// `[dW_ih | dW_hh | db_hh | db_ih]` from the gradients of `x W_ihᵀ + b_ih` and of
+/// `h W_hhᵀ + b_hh` over all steps (`dxp`, `dgh`: `[N, T, gates·H]`), the input `x` and the
+/// states `hs [N, T, H]`: one GEMM against the inputs, one against the previous state of
+/// every step, and column sums.
+fn weight_grad<T: Gate>(d: Dims, x: &[T], dxp: &[T], dgh: &[T], state0: &[T], hs: &[T]) -> Vec<T> {
+    let (n, tt, h, g, wc) = (d.n, d.t, d.h, d.g(), d.width());
     let mut prev = vec![T::zero(); n * tt * h];
     prev.par_chunks_mut(tt * h).enumerate().for_each(|(i, p)| {
         for s in 0..tt {
@@ -460,24 +532,26 @@ fn weight_grad<T: Gate>(d: Dims, dxp: &[T], dgh: &[T], state0: &[T], hs: &[T]) -
             p[d.time(s) * h..][..h].copy_from_slice(src);
         }
     });
-    let mut dw = vec![T::zero(); g * (h + 2)];
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let mut dw = vec![T::zero(); g * wc];
+    matmul(
+        (g, d.i, n * tt),
+        (&mut dw, wc, 1),
+        (dxp, 1, g),
+        (x, d.i, 1),
+        false,
+        pool(),
+    );
     matmul(
         (g, h, n * tt),
-        (&mut dw, h + 2, 1),
+        (&mut dw[d.i..], wc, 1),
         (dgh, 1, g),
         (&prev, h, 1),
         false,
-        par,
+        pool(),
     );
-    for (column, grads) in [(h, dgh), (h + 1, dxp)] {
+    for (column, grads) in [(d.i + h, dgh), (d.i + h + 1, dxp)] {
         for (j, v) in column_sums(grads, g).into_iter().enumerate() {
-            dw[j * (h + 2) + column] = v;
+            dw[j * wc + column] = v;
         }
     }
     dw
@@ -550,7 +624,8 @@ impl<T: Gate> StepGrads<'_, T> {
             Cell::Lstm => {
                 let s = self.save;
                 for j in 0..hd {
-                    let (i, f, gg, o, tc) = (s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j], s[4 * hd + j]);
+                    let (i, f, gg, o, tc) =
+                        (s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j], s[4 * hd + j]);
                     let dht = dh[j] + self.dh_out[j];
                     let dct = dc[j] + self.dc_out[j] + dht * o * (one - tc * tc);
                     dx[j] = dct * gg * i * (one - i);
@@ -609,12 +684,12 @@ impl CustomOp3 for RecurrenceOp {
             (E::to_cpu_storage_owned(out), E::to_cpu_storage_owned(saved))
         });
         *self.saved.lock().expect("recurrence: poisoned") = Some(saved);
-        Ok((out, Shape::from((planes(d.cell), d.n, d.t, d.h))))
+        Ok((out, Shape::from((planes(d.cell) * d.n, d.t, d.h))))
     }
 
     fn bwd(
         &self,
-        xp: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         state0: &Tensor,
         res: &Tensor,
@@ -626,28 +701,30 @@ impl CustomOp3 for RecurrenceOp {
         let Some(saved) = saved.as_ref() else {
             bail!("recurrence: backward before forward")
         };
+        let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (ss, sl) = state0.storage_and_layout();
         let (os, ol) = res.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let (ws, ss, os, gs) = (cpu(&ws)?, cpu(&ss)?, cpu(&os)?, cpu(&gs)?);
-        let dev = xp.device();
-        let (dxp, dw, ds0) = by_dtype!(xp.dtype(), E => {
-            let (dxp, dw, ds0) = backward::<E>(
+        let (xs, ws, ss, os, gs) = (cpu(&xs)?, cpu(&ws)?, cpu(&ss)?, cpu(&os)?, cpu(&gs)?);
+        let dev = x.device();
+        by_dtype!(x.dtype(), E => {
+            let (dx, dw, ds0) = backward::<E>(
                 d,
+                elements(xs, xl)?,
+                x.track_op(),
                 elements(ws, wl)?,
                 elements(ss, sl)?,
                 elements(os, ol)?,
                 E::cpu_storage_as_slice(saved)?,
                 elements(gs, gl)?,
             );
-            (
-                Tensor::from_vec(dxp, xp.shape(), dev)?,
-                Tensor::from_vec(dw, w.shape(), dev)?,
-                Tensor::from_vec(ds0, state0.shape(), dev)?,
-            )
-        });
-        Ok((Some(dxp), Some(dw), Some(ds0)))
+            Ok((
+                dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev)).transpose()?,
+                Some(Tensor::from_vec(dw, w.shape(), dev)?),
+                Some(Tensor::from_vec(ds0, state0.shape(), dev)?),
+            ))
+        })
     }
 }
 
@@ -658,10 +735,10 @@ mod tests {
 
     /// Checks the gradients of every input for every cell, both directions, with the loss on
     /// every output element (so gradients arrive on the final state and cell as well as on
-    /// the sequence). `N = 3`, `T = 4`, `H = 3`.
+    /// the sequence). `N = 3`, `T = 4`, `I = 2`, `H = 3`.
     #[test]
     fn gradients_match_finite_differences() {
-        let (n, t, h) = (3, 4, 3);
+        let (n, t, h, features) = (3, 4, 3, 2);
         for cell in [
             Cell::Rnn { relu: false },
             Cell::Rnn { relu: true },
@@ -671,8 +748,8 @@ mod tests {
             let g = cell.gates() as usize * h;
             for reverse in [false, true] {
                 let inputs = [
-                    random(&[n * t, g], 1),
-                    random(&[g, h + 2], 2),
+                    random(&[n * t, features], 1),
+                    random(&[g, features + h + 2], 2),
                     random(&[planes(cell), n, h], 3),
                 ];
                 check_grads(
@@ -698,7 +775,10 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
         for x in [-30.0f32, -1.0, -1e-3, 0.0, 1e-3, 0.5, 30.0] {
             assert!((Gate::tanh(x) - x.tanh()).abs() < 2e-7, "tanh {x}");
-            assert!((Gate::sigmoid(x) - 1.0 / (1.0 + (-x).exp())).abs() < 2e-7, "sigmoid {x}");
+            assert!(
+                (Gate::sigmoid(x) - 1.0 / (1.0 + (-x).exp())).abs() < 2e-7,
+                "sigmoid {x}"
+            );
         }
     }
 }
