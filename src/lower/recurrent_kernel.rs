@@ -656,8 +656,8 @@ macro_rules! by_dtype {
     };
 }
 
-/// The CPU storage and layout of a tensor.
-fn cpu<'a>(s: &'a Storage) -> Result<&'a CpuStorage> {
+/// The CPU storage inside a storage.
+fn cpu(s: &Storage) -> Result<&CpuStorage> {
     match s {
         Storage::Cpu(c) => Ok(c),
         _ => bail!("recurrence: only the CPU is supported"),
