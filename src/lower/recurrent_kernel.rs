@@ -75,6 +75,9 @@ pub fn recurrence(
         bail!("{}: the sequence has no steps", cell.name());
     }
     let (n, t) = (rows / steps, steps);
+    if n == 0 || h == 0 {
+        bail!("{}: empty batch or hidden size", cell.name());
+    }
     let g = cell.gates() as usize * h;
     if rows % steps != 0 || w.dims() != [g, i + h + 2] || state0.dims() != [s, n, h] {
         bail!(
