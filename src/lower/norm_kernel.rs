@@ -247,7 +247,10 @@ pub(crate) fn layer_norm<T: Float>(
     (w, b): (&[T], &[T]),
     eps: f64,
 ) -> (Vec<T>, Vec<(f64, f64)>) {
-    assert!(d > 0 && x.len().is_multiple_of(d), "layer norm: rows of {d}");
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "layer norm: rows of {d}"
+    );
     assert!(
         w.len() == d && b.len() == d,
         "layer norm: weight and bias of {d}"
