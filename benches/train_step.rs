@@ -29,7 +29,7 @@
 //!
 //! Columns:
 //! - `dlc`: `dlc::lower::Network` built from the spec, updated by `dlc::train::optim::Stepper`
-//!   (SGD, no momentum or weight decay); inference is `Network::forward` with `train` false.
+//!   (SGD, no momentum or weight decay); inference is `Network::infer` (evaluation mode, no gradients).
 //!   Where the spec or model does not exist (yet), the column says "not built" and why.
 //! - `candle-nn`: the same layers written with `candle_nn::conv2d` / `linear` / `batch_norm`
 //!   / `rnn::lstm` / `rnn::gru` and candle's own `avg_pool2d` / `max_pool2d`, updated by
@@ -567,7 +567,7 @@ impl DlcTrainer {
             weight_decay: 0.0,
             nesterov: false,
         };
-        let stepper = Stepper::new(sgd, &net.state.params);
+        let stepper = Stepper::new(sgd, &net.state.trainable());
         Ok(DlcTrainer {
             model,
             net,
@@ -772,7 +772,7 @@ impl Trainer for DlcTrainer {
 
 impl Inferer for DlcTrainer {
     fn infer(&mut self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.net.forward(std::slice::from_ref(x), false)?.remove(0))
+        Ok(self.net.infer(std::slice::from_ref(x))?.remove(0))
     }
 }
 

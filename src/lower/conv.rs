@@ -15,20 +15,20 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
-    WithDType, bail,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail,
 };
 
 use super::conv_kernel::{self, Algorithm, Geometry};
 use super::kernel::Float;
-use super::params::State;
+use super::params::{Param, State};
 use crate::ops::conv::{Conv2d, ConvTranspose2d};
 
 /// A convolution layer with its parameters.
 pub struct Conv {
     cfg: Conv2d,
-    weight: Var,
-    bias: Option<Var>,
+    weight: Param,
+    bias: Option<Param>,
 }
 
 impl Conv {
@@ -50,14 +50,42 @@ impl Conv {
         })
     }
 
-    /// `[N, C, H, W] -> [N, out, H', W']`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(
-            x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(Var::as_tensor),
-            &self.cfg,
-        )
+    /// `[N, C, H, W] -> [N, out, H', W']`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.read(grad));
+        conv2d(x, &self.weight.read(grad), bias.as_ref(), &self.cfg)
+    }
+}
+
+impl Conv {
+    /// Evaluation without gradients of this convolution followed by the per-channel map
+    /// `y·scale + shift` (a batch norm's, [`super::norm::BatchNorm::eval_affine`]) and, if
+    /// `relu`, a ReLU: one convolution with the weight `w·scale` and the bias
+    /// `b·scale + shift`, computed from the current parameters at each call, the ReLU applied
+    /// to its output in place. Candle records nothing; the op has no backward.
+    pub fn forward_folded(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let weight = self.weight.read(false);
+        let per_out = scale.reshape((scale.elem_count(), 1, 1, 1))?;
+        let weight = weight.broadcast_mul(&per_out)?;
+        let bias = match &self.bias {
+            Some(b) => (b.read(false).mul(scale)? + shift)?,
+            None => shift.clone(),
+        };
+        if !relu {
+            return conv2d(x, &weight, Some(&bias), &self.cfg);
+        }
+        if !x.device().is_cpu() {
+            bail!("conv: only the CPU is supported");
+        }
+        let g = Geometry::new(&self.cfg, x.dims(), weight.dims())?;
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &ConvReluOp(g))
     }
 }
 
@@ -83,8 +111,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, cfg: &Conv2d) 
 /// A transposed convolution layer with its parameters.
 pub struct ConvTranspose {
     cfg: ConvTranspose2d,
-    weight: Var,
-    bias: Option<Var>,
+    weight: Param,
+    bias: Option<Param>,
 }
 
 impl ConvTranspose {
@@ -120,14 +148,10 @@ impl ConvTranspose {
         })
     }
 
-    /// `[N, C, H, W] -> [N, out, H', W']`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv_transpose2d(
-            x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(Var::as_tensor),
-            &self.cfg,
-        )
+    /// `[N, C, H, W] -> [N, out, H', W']`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.read(grad));
+        conv_transpose2d(x, &self.weight.read(grad), bias.as_ref(), &self.cfg)
     }
 }
 
@@ -243,6 +267,23 @@ fn forward<T: Float>(
     ))
 }
 
+/// [`forward`] with a bias, then `max(0, ·)` in place.
+fn forward_relu<T: Float>(
+    g: &Geometry,
+    x: Operand<'_>,
+    w: Operand<'_>,
+    b: Operand<'_>,
+) -> Result<Vec<T>> {
+    let mut y = forward::<T>(g, x, w, Some(b))?;
+    let zero = T::from_f64(0.0);
+    for v in &mut y {
+        if *v < zero {
+            *v = zero;
+        }
+    }
+    Ok(y)
+}
+
 fn input_grad<T: Float>(g: &Geometry, dy: Operand<'_>, w: Operand<'_>) -> Result<Vec<T>> {
     let (_, wd, yd) = dims(g);
     Ok(conv_kernel::input_grad(
@@ -273,6 +314,32 @@ fn bias_grad<T: Float>(g: &Geometry, dy: Operand<'_>) -> Result<Vec<T>> {
 
 /// The forward convolution of one geometry, on `(x, w)` or `(x, w, b)`.
 struct ConvOp(Geometry);
+
+/// The convolution with a bias followed by a ReLU, for evaluation only (no backward).
+struct ConvReluOp(Geometry);
+
+impl CustomOp3 for ConvReluOp {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv",
+            s1.dtype(),
+            forward_relu(&self.0, (s1, l1), (s2, l2), (s3, l3))
+        );
+        Ok((out, ConvOp(self.0).out_shape()))
+    }
+}
 
 impl ConvOp {
     fn out_shape(&self) -> Shape {
@@ -535,7 +602,10 @@ mod tests {
     ) -> (Tensor, [Option<Tensor>; 3]) {
         let track = |t: &Tensor, v: bool| {
             if v {
-                Var::from_tensor(t).unwrap().as_tensor().clone()
+                candle_core::Var::from_tensor(t)
+                    .unwrap()
+                    .as_tensor()
+                    .clone()
             } else {
                 t.clone()
             }

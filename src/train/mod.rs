@@ -140,7 +140,7 @@ pub fn evaluate(
     let mut loss_sum = 0.0;
     for b in Batches::new(data, batch, Order::Sequential, transform)? {
         let (x, y) = tensors(b, &device).map_err(runtime_error)?;
-        let logits = net.forward(&[x], false).map_err(runtime_error)?.remove(0);
+        let logits = net.infer(&[x]).map_err(runtime_error)?.remove(0);
         let loss = candle_nn::loss::cross_entropy(&logits, &y)
             .and_then(|l| l.to_scalar::<f32>())
             .map_err(runtime_error)?;
@@ -208,7 +208,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let device = Device::Cpu;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
-    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.params);
+    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let mut history: Vec<EpochStats> = Vec::new();
     let model_path = opts.out.join("model.safetensors");
     let optim_path = opts.out.join("optimizer.safetensors");
@@ -249,7 +249,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
             }
             let mut grads = loss.backward().map_err(runtime_error)?;
             if let Some(max_norm) = recipe.clip {
-                optim::clip_grad_norm(&mut grads, &net.state.params, max_norm)
+                optim::clip_grad_norm(&mut grads, &net.state.trainable(), max_norm)
                     .map_err(runtime_error)?;
             }
             stepper.step(&grads, lr).map_err(runtime_error)?;
