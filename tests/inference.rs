@@ -92,6 +92,65 @@ fn infer_equals_the_evaluation_forward_on_lenet_with_batch_norm() {
     }
 }
 
+/// `Conv::forward_folded` against the convolution, the evaluation batch norm and the ReLU
+/// one after the other: with and without the conv's bias and the ReLU, grouped and strided.
+#[test]
+fn a_folded_convolution_equals_convolution_then_batch_norm() {
+    use dlc::lower::conv::Conv;
+    use dlc::lower::norm::BatchNorm;
+    use dlc::lower::{Param, State};
+    use dlc::ops::conv::Conv2d;
+    use dlc::ops::norm::BatchNorm as BatchNormCfg;
+    for (groups, stride, bias, relu) in [
+        (1, 1, true, true),
+        (1, 2, false, false),
+        (4, 1, false, true),
+    ] {
+        let mut state = State::new(&Device::Cpu, DType::F64, Init::Torch, 1);
+        let cfg = Conv2d {
+            out: 8,
+            kernel: (3, 3),
+            stride: (stride, stride),
+            pad: (1, 1),
+            dilation: (1, 1),
+            groups,
+            bias,
+        };
+        let conv = Conv::new(&mut state, "conv", &cfg, 4).expect("conv");
+        let bn_cfg = BatchNormCfg {
+            eps: 1e-5,
+            momentum: 0.1,
+        };
+        let bn = BatchNorm::new(&mut state, "bn", &bn_cfg, 8).expect("bn");
+        let bn = if relu { bn.then_relu() } else { bn };
+        let randomize = |p: &Param, low: f64| {
+            let t = Tensor::rand(low, 1.5, p.dims(), &Device::Cpu).expect("random");
+            p.set(&t).expect("set");
+        };
+        for (name, p) in state.params.iter().chain(state.buffers.iter()) {
+            randomize(
+                p,
+                if name.ends_with("running_var") {
+                    0.5
+                } else {
+                    -1.5
+                },
+            );
+        }
+        let x = Tensor::randn(0.0, 1.0, (3, 4, 9, 9), &Device::Cpu).expect("input");
+        let want = bn
+            .forward(&conv.forward(&x, false).expect("conv"), false, false)
+            .expect("bn");
+        let (scale, shift, fused_relu) = bn.eval_affine().expect("affine");
+        assert_eq!(fused_relu, relu);
+        let got = conv
+            .forward_folded(&x, &scale, &shift, fused_relu)
+            .expect("folded");
+        let diff = max_abs_diff(&want, &got);
+        assert!(diff < 1e-12, "folded differs by {diff}");
+    }
+}
+
 /// Losses of `steps` SGD steps on one fixed batch, with the trainable parameters `stepper`
 /// was built from.
 fn losses(net: &mut Network, stepper: &mut Stepper, steps: usize) -> Vec<f64> {

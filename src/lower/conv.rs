@@ -20,9 +20,10 @@ use candle_core::{
 };
 
 use super::conv_kernel::{self, Algorithm, Geometry};
-use super::kernel::Float;
+use super::kernel::{Float, vectorized};
 use super::params::{Param, State};
 use crate::ops::conv::{Conv2d, ConvTranspose2d};
+use rayon::prelude::*;
 
 /// A convolution layer with its parameters.
 pub struct Conv {
@@ -57,7 +58,22 @@ impl Conv {
     }
 }
 
+/// About how many passes over a convolution's output a batch norm (and ReLU) takes in
+/// evaluation mode when it is not folded into the convolution.
+const UNFOLDED_NORM_PASSES: usize = 4;
+
 impl Conv {
+    /// Whether folding a following batch norm into this convolution at an evaluation call on
+    /// an input of `x_dims` costs less than normalising the output apart: the fold passes once
+    /// over the weight, the separate batch norm a few times over the output. So it pays at
+    /// large batches and in the early, wide layers, not for batch 1 in the late layers, whose
+    /// weights are large and outputs small.
+    pub fn fold_pays(&self, x_dims: &[usize]) -> bool {
+        Geometry::new(&self.cfg, x_dims, self.weight.dims()).is_ok_and(|g| {
+            self.weight.elem_count() <= UNFOLDED_NORM_PASSES * g.n * g.o * g.oh * g.ow
+        })
+    }
+
     /// Evaluation without gradients of this convolution followed by the per-channel map
     /// `y·scale + shift` (a batch norm's, [`super::norm::BatchNorm::eval_affine`]) and, if
     /// `relu`, a ReLU: one convolution with the weight `w·scale` and the bias
@@ -275,12 +291,18 @@ fn forward_relu<T: Float>(
     b: Operand<'_>,
 ) -> Result<Vec<T>> {
     let mut y = forward::<T>(g, x, w, Some(b))?;
-    let zero = T::from_f64(0.0);
-    for v in &mut y {
-        if *v < zero {
-            *v = zero;
-        }
-    }
+    y.par_chunks_mut(1 << 14).for_each(|chunk| {
+        vectorized(
+            #[inline(always)]
+            || {
+                for v in chunk.iter_mut() {
+                    if *v < T::zero() {
+                        *v = T::zero();
+                    }
+                }
+            },
+        )
+    });
     Ok(y)
 }
 

@@ -247,9 +247,9 @@ impl Network {
     /// the parameters enter detached, so candle records nothing and each activation is freed
     /// after its last reader. Each batch norm that is a convolution's only reader is folded
     /// into it (the weight scaled per output channel, the bias shifted, a fused ReLU applied
-    /// in place), from the current parameters and statistics at every call: the fold reads
-    /// the weights once, and nothing can go stale when an optimiser or a checkpoint sets a
-    /// parameter in place.
+    /// in place) where that costs less than the batch norm ([`conv::Conv::fold_pays`]), from
+    /// the current parameters and statistics at every call: the fold reads the weights once,
+    /// and nothing can go stale when an optimiser or a checkpoint sets a parameter in place.
     pub fn infer(&mut self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
         self.run(xs, false, false)
     }
@@ -259,6 +259,8 @@ impl Network {
     fn run(&mut self, xs: &[Tensor], train: bool, grad: bool) -> Result<Vec<Tensor>> {
         let n = self.layers.len();
         let inference = !train && !grad;
+        // The batch norms folded into their convolutions in this pass.
+        let mut folded = vec![false; n];
         // Each node's outputs, by slot; emptied after the node's last reader.
         let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); n];
         for i in 0..n {
@@ -282,21 +284,17 @@ impl Network {
                         .cloned()
                         .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
                     Layer::Identity => one()?.clone(),
-                    Layer::Conv(c) => match self.folded_norm[i].map(|j| &self.layers[j]) {
-                        Some(Layer::BatchNorm(b)) if inference => {
+                    Layer::Conv(c) => match self.folded_norm[i].map(|j| (j, &self.layers[j])) {
+                        Some((j, Layer::BatchNorm(b)))
+                            if inference && c.fold_pays(one()?.dims()) =>
+                        {
+                            folded[j] = true;
                             let (scale, shift, relu) = b.eval_affine()?;
                             c.forward_folded(one()?, &scale, &shift, relu)?
                         }
                         _ => c.forward(one()?, grad)?,
                     },
-                    Layer::BatchNorm(_)
-                        if inference
-                            && self.inputs[i]
-                                .first()
-                                .is_some_and(|(j, _)| self.folded_norm[*j] == Some(i)) =>
-                    {
-                        one()?.clone()
-                    }
+                    Layer::BatchNorm(_) if folded[i] => one()?.clone(),
                     Layer::Linear(l) => l.forward(one()?, grad)?,
                     Layer::BatchNorm(b) => b.forward(one()?, train, grad)?,
                     Layer::LayerNorm(l) => l.forward(one()?, grad)?,
