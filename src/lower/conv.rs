@@ -6,12 +6,10 @@
 //! zero gradient.
 
 //!
-//! Transposed convolution on candle's `conv_transpose2d`, which has neither groups, nor
-//! padding or output padding that differ along H and W, and whose input gradient has the
-//! wrong size when the output padding is not below the stride. So it runs without padding
-//! (the full output, whose backward is right), once per group, and the padding is applied
-//! afterwards: `pad` rows and columns cropped from each side, `output_padding` ones kept at
-//! the bottom and right (zeros where the full output ends).
+//! Transposed convolution runs on the same kernels: it is the input gradient of the
+//! convolution it transposes (see [`transposed_geometry`]), so its own gradients are that
+//! convolution's forward pass (for its input) and weight gradient (for its weight). Groups,
+//! per-axis stride, padding and dilation, and any output padding are supported.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -178,50 +176,82 @@ pub fn conv_transpose2d(
     bias: Option<&Tensor>,
     cfg: &ConvTranspose2d,
 ) -> Result<Tensor> {
-    let (s, d) = (cfg.stride.0 as usize, cfg.dilation.0 as usize);
-    if cfg.stride.1 as usize != s || cfg.dilation.1 as usize != d {
-        candle_core::bail!("conv_transpose: stride and dilation must be equal along H and W");
+    if !x.device().is_cpu() {
+        bail!("conv_transpose: only the CPU is supported");
     }
-    let groups = cfg.groups as usize;
-    let full = if groups == 1 {
-        x.conv_transpose2d(weight, 0, 0, s, d)?
-    } else {
-        let xs = x.chunk(groups, 1)?;
-        let ws = weight.chunk(groups, 0)?;
-        let parts = xs
-            .iter()
-            .zip(&ws)
-            .map(|(x, w)| x.conv_transpose2d(w, 0, 0, s, d))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 1)?
-    };
-    let y = place(&full, 2, cfg.pad.0 as usize, cfg.output_padding.0 as usize)?;
-    let y = place(&y, 3, cfg.pad.1 as usize, cfg.output_padding.1 as usize)?;
+    let g = transposed_geometry(cfg, x.dims(), weight.dims())?;
+    let y = x
+        .contiguous()?
+        .apply_op2(&weight.contiguous()?, ConvTransposeOp(g))?;
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        Some(b) => {
+            if b.dims() != [g.c] {
+                bail!("conv_transpose: bias is {:?}, expected [{}]", b.dims(), g.c);
+            }
+            y.broadcast_add(&b.reshape((1, g.c, 1, 1))?)
+        }
         None => Ok(y),
     }
 }
 
-/// Along `axis` of a full transposed-convolution output of length `n`: rows
-/// `[pad, n − pad + output_padding)`, zeros past `n`.
-fn place(full: &Tensor, axis: usize, pad: usize, output_padding: usize) -> Result<Tensor> {
-    let n = full.dim(axis)?;
-    let len = (n + output_padding)
-        .checked_sub(2 * pad)
-        .filter(|&l| l > 0)
-        .ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "conv_transpose: padding {pad} leaves nothing of an output of {n}"
-            ))
-        })?;
-    let start = pad.min(n);
-    let kept = len.min(n - start);
-    let mut y = full.narrow(axis, start, kept)?;
-    if kept < len {
-        y = y.pad_with_zeros(axis, 0, len - kept)?;
+/// The convolution that `cfg` transposes, for an input and a weight of the given dims: it
+/// maps the transposed convolution's output `[n, out, H, W]` to its input `[n, C, h, w]` with
+/// the same kernel, stride, padding, dilation and groups, and the weight `[C, out/groups, kh,
+/// kw]` is that convolution's weight as it stands. `H = (h − 1)·stride − 2·pad +
+/// dilation·(kh − 1) + output_padding + 1`; the output padding adds rows that no window of
+/// the convolution reaches (zeros in the transposed output).
+fn transposed_geometry(cfg: &ConvTranspose2d, x: &[usize], weight: &[usize]) -> Result<Geometry> {
+    let &[n, c, h, w] = x else {
+        bail!("conv_transpose: input must be [N, C, H, W], got {x:?}");
+    };
+    if h == 0 || w == 0 {
+        bail!("conv_transpose: empty input {x:?}");
     }
-    Ok(y)
+    let groups = cfg.groups as usize;
+    let out = cfg.out as usize;
+    let (kh, kw) = (cfg.kernel.0 as usize, cfg.kernel.1 as usize);
+    if groups == 0 || !c.is_multiple_of(groups) || !out.is_multiple_of(groups) {
+        bail!(
+            "conv_transpose: {c} input and {out} output channels cannot be split into {groups} groups"
+        );
+    }
+    if weight != [c, out / groups, kh, kw] {
+        bail!(
+            "conv_transpose: weight is {weight:?}, expected {:?}",
+            [c, out / groups, kh, kw]
+        );
+    }
+    let pair = |p: (u64, u64)| (p.0 as usize, p.1 as usize);
+    let (stride, pad, dilation) = (pair(cfg.stride), pair(cfg.pad), pair(cfg.dilation));
+    let output_padding = pair(cfg.output_padding);
+    if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 || kh == 0 || kw == 0 {
+        bail!("conv_transpose: kernel, stride and dilation must be positive");
+    }
+    let full = |len: usize, k: usize, s: usize, p: usize, d: usize, op: usize| {
+        ((len - 1) * s + d * (k - 1) + op + 1)
+            .checked_sub(2 * p)
+            .filter(|&l| l > 0)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "conv_transpose: padding {p} leaves nothing of an output of {len}"
+                ))
+            })
+    };
+    Ok(Geometry {
+        n,
+        c: out,
+        h: full(h, kh, stride.0, pad.0, dilation.0, output_padding.0)?,
+        w: full(w, kw, stride.1, pad.1, dilation.1, output_padding.1)?,
+        o: c,
+        kh,
+        kw,
+        stride,
+        pad,
+        dilation,
+        groups,
+        oh: h,
+        ow: w,
+    })
 }
 
 /// The contiguous elements of one operand of type `T`, checked against the dims it must have.
@@ -520,6 +550,52 @@ impl CustomOp1 for BiasGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = by_dtype!("conv backward", s.dtype(), bias_grad(&self.0, (s, l)));
         Ok((out, Shape::from(self.0.o)))
+    }
+}
+
+/// The transposed convolution of `(x, w)`: the input gradient of the convolution of its
+/// geometry ([`transposed_geometry`]) applied to `x`.
+struct ConvTransposeOp(Geometry);
+
+impl CustomOp2 for ConvTransposeOp {
+    fn name(&self) -> &'static str {
+        "dlc-conv-transpose2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv_transpose",
+            s1.dtype(),
+            input_grad(&self.0, (s1, l1), (s2, l2))
+        );
+        Ok((out, Shape::from(dims(&self.0).0.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &ConvOp(self.0))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(grad.apply_op2_no_bwd(x, &WeightGrad(self.0))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -889,6 +965,40 @@ mod tests {
     }
 
     #[test]
+    fn transposed_matches_the_candle_path() {
+        // d2l's FCN upsampling head at a smaller size (kernel 16, stride 8, padding 4), f32.
+        let c = tcfg(6, (16, 16), 8, (4, 4), (0, 0), 1, 1, false);
+        let x = random(&[2, 5, 6, 7], 1).to_dtype(DType::F32).unwrap();
+        let wt = random(&[5, 6, 16, 16], 2).to_dtype(DType::F32).unwrap();
+        let r = random(&[2, 6, 48, 56], 3).to_dtype(DType::F32).unwrap();
+        let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+            let (xv, wv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&wt).unwrap(),
+            );
+            let y = f(xv.as_tensor(), wv.as_tensor()).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(xv.as_tensor()).unwrap().clone();
+            let dw = grads.get(wv.as_tensor()).unwrap().clone();
+            [y, dx, dw]
+        };
+        let ours = run(&|x, w| conv_transpose2d(x, w, None, &c));
+        let candle = run(&|x, w| x.conv_transpose2d(w, 4, 0, 8, 1));
+        for (k, (a, b)) in ours.iter().zip(&candle).enumerate() {
+            assert_eq!(a.dims(), b.dims());
+            let err = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-3, "output/dx/dw {k} differs by {err}");
+        }
+    }
+
+    #[test]
     fn transposed_matches_its_definition_and_finite_differences() {
         for (c, cin, h, w) in [
             // stride 2, output padding 1, two groups (the PyTorch fixture's case)
@@ -903,6 +1013,8 @@ mod tests {
             (tcfg(2, (3, 5), 3, (1, 2), (2, 0), 1, 1, true), 2, 3, 3),
             // d2l's FCN upsampling, scaled down: kernel 2s, padding s/2
             (tcfg(3, (8, 8), 4, (2, 2), (0, 0), 1, 1, true), 3, 2, 3),
+            // depthwise (one channel per group: the direct kernels)
+            (tcfg(3, (3, 3), 2, (1, 1), (1, 1), 3, 1, true), 3, 3, 4),
         ] {
             let x = random(&[2, cin, h, w], 1);
             let wt = random(

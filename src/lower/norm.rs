@@ -1,6 +1,7 @@
 //! Batch normalisation (batch statistics while training, running statistics updated as
 //! PyTorch does: momentum 0.1 and the unbiased batch variance), layer normalisation and local
-//! response normalisation, all from differentiable candle primitives.
+//! response normalisation. Batch norm in training and layer norm are fused custom ops on our
+//! own CPU kernels ([`super::norm_kernel`]); the rest is differentiable candle primitives.
 
 use std::sync::{Arc, OnceLock};
 
@@ -488,9 +489,32 @@ impl LayerNorm {
 }
 
 /// Layer norm over the last axis with the biased variance, as PyTorch's `nn.LayerNorm(D)`.
-/// Built from primitives with a backward: candle's fused layer norm has none on contiguous
-/// input.
+///
+/// One fused custom op ([`super::norm_kernel::layer_norm`]) for CPU f32 and f64, whose
+/// backward gives all three gradients in one pass (candle's own fused layer norm has no
+/// backward); other devices and dtypes use [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(0);
+    if weight.dims() != [d] || bias.dims() != [d] {
+        bail!(
+            "layernorm: weight {:?} and bias {:?} must be [{d}]",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    if d == 0 || !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return layer_norm_composed(x, weight, bias, eps);
+    }
+    let op = LayerNormOp {
+        eps,
+        stats: OnceLock::new(),
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// [`layer_norm`] composed of differentiable candle primitives.
+fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let last = x.rank() - 1;
     let mean = x.mean_keepdim(last)?;
     let centered = x.broadcast_sub(&mean)?;
@@ -500,6 +524,136 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         .broadcast_mul(&inv_std)?
         .broadcast_mul(weight)?
         .broadcast_add(bias)
+}
+
+/// Layer norm of `(x, weight, bias)` over the last axis; keeps each row's mean and `1/σ` for
+/// the backward pass.
+struct LayerNormOp {
+    eps: f64,
+    stats: OnceLock<Vec<(f64, f64)>>,
+}
+
+impl LayerNormOp {
+    fn forward<T: Float>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+    ) -> Result<Vec<T>> {
+        let x = elements::<T>(x.0, x.1)?;
+        let (w, b) = (elements::<T>(w.0, w.1)?, elements::<T>(b.0, b.1)?);
+        let (y, stats) = norm_kernel::layer_norm(x, w.len(), (w, b), self.eps);
+        self.stats
+            .set(stats)
+            .map_err(|_| candle_core::Error::Msg("layernorm: op run twice".into()))?;
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "dlc-layernorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = by_dtype!(s1.dtype(), self.forward((s1, l1), (s2, l2), (s3, l3)));
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !(x.track_op() || w.track_op() || b.track_op()) {
+            return Ok((None, None, None));
+        }
+        let stats = self
+            .stats
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("layernorm: backward before forward".into()))?;
+        let op = LayerNormGrad {
+            stats,
+            param_grads: OnceLock::new(),
+        };
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, w, &op)?;
+        let (dw, db) = op
+            .param_grads
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("layernorm: gradients not computed".into()))?;
+        let tensor = |v: &[f64]| Tensor::new(v, x.device())?.to_dtype(x.dtype());
+        Ok((
+            x.track_op().then_some(dx),
+            w.track_op().then(|| tensor(dw)).transpose()?,
+            b.track_op().then(|| tensor(db)).transpose()?,
+        ))
+    }
+}
+
+/// `(x, dy, weight) -> dx` of [`LayerNormOp`]; leaves the weight and bias gradients (f64) in
+/// `param_grads`.
+struct LayerNormGrad<'a> {
+    stats: &'a [(f64, f64)],
+    param_grads: OnceLock<(Vec<f64>, Vec<f64>)>,
+}
+
+impl LayerNormGrad<'_> {
+    fn run<T: Float>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        dy: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+    ) -> Result<Vec<T>> {
+        let w = elements::<T>(w.0, w.1)?;
+        let (dx, dw, db) = norm_kernel::layer_norm_backward(
+            elements::<T>(x.0, x.1)?,
+            elements::<T>(dy.0, dy.1)?,
+            w.len(),
+            w,
+            self.stats,
+        );
+        self.param_grads
+            .set((dw, db))
+            .map_err(|_| candle_core::Error::Msg("layernorm: gradients run twice".into()))?;
+        Ok(dx)
+    }
+}
+
+impl CustomOp3 for LayerNormGrad<'_> {
+    fn name(&self) -> &'static str {
+        "dlc-layernorm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l2.dims() != l1.dims() {
+            bail!(
+                "layernorm backward: gradient {:?} for input {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let dx = by_dtype!(s1.dtype(), self.run((s1, l1), (s2, l2), (s3, l3)));
+        Ok((dx, l1.shape().clone()))
+    }
 }
 
 /// `b_c = a_c / (k + α · mean over the `size` channels around c of a²)^β`, as PyTorch's
@@ -720,6 +874,58 @@ mod tests {
             let d = shape[shape.len() - 1];
             let inputs = [random(&shape, 1), random(&[d], 2), random(&[d], 3)];
             check_grads(|t| layer_norm(&t[0], &t[1], &t[2], 1e-5), &inputs, 1e-5);
+        }
+        // Rows split over several parallel blocks, and a non-contiguous input.
+        let inputs = [random(&[3, 7, 4], 4), random(&[7], 5), random(&[7], 6)];
+        check_grads(
+            |t| layer_norm(&t[0].transpose(1, 2)?, &t[1], &t[2], 1e-5),
+            &inputs,
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_one() {
+        // 9,000 rows of 48: several parallel blocks; off-centre data for the variance.
+        let shape = [30, 300, 48];
+        let x = ((random(&shape, 11) * 3.0).unwrap() + 20.0).unwrap();
+        let inputs = [x, random(&[48], 12), random(&[48], 13)];
+        for dtype in [DType::F64, DType::F32] {
+            let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
+            let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+                let vars = inputs.clone().map(|t| Var::from_tensor(&t).unwrap());
+                let y = f(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                )
+                .unwrap();
+                let r = random(&shape, 14).to_dtype(dtype).unwrap();
+                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = vars.map(|v| grads.get(v.as_tensor()).unwrap().clone());
+                (y, g)
+            };
+            let fused = run(&|x, w, b| layer_norm(x, w, b, 1e-5));
+            let composed = run(&|x, w, b| layer_norm_composed(x, w, b, 1e-5));
+            let tol = if dtype == DType::F64 { 1e-9 } else { 1e-3 };
+            assert!(
+                max_abs_diff(&fused.0, &composed.0) < tol,
+                "{dtype:?}: output"
+            );
+            for k in 0..3 {
+                let diff = max_abs_diff(&fused.1[k], &composed.1[k]);
+                // Weight and bias gradients sum 9,000 rows: compare relative to their size.
+                let scale = composed.1[k].abs().unwrap().max_all().unwrap();
+                let scale = scale
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    diff < tol * scale.max(1.0),
+                    "{dtype:?}: gradient {k} differs by {diff}"
+                );
+            }
         }
     }
 

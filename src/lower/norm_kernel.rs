@@ -236,3 +236,135 @@ pub(crate) fn input_grad<T: Float>(
     });
     dx
 }
+
+/// Layer norm over contiguous rows of `d` elements (the last axis): `y = x̂ · w + b` with
+/// `x̂ = (x − mean) · rstd` per row, `rstd = 1 / √(var + eps)` of the row's biased variance.
+/// Returns `y` and each row's `(mean, rstd)` in f64. Parallel over blocks of rows; each row is
+/// read twice while it is in cache (mean, then the variance around it).
+pub(crate) fn layer_norm<T: Float>(
+    x: &[T],
+    d: usize,
+    (w, b): (&[T], &[T]),
+    eps: f64,
+) -> (Vec<T>, Vec<(f64, f64)>) {
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "layer norm: rows of {d}"
+    );
+    assert!(
+        w.len() == d && b.len() == d,
+        "layer norm: weight and bias of {d}"
+    );
+    let rows = x.len() / d;
+    let mut y = vec![T::zero(); x.len()];
+    let mut stats = vec![(0.0, 0.0); rows];
+    let block = rows_per_block(d);
+    y.par_chunks_mut(block * d)
+        .zip(stats.par_chunks_mut(block))
+        .zip(x.par_chunks(block * d))
+        .for_each(|((yb, sb), xb)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((yr, s), xr) in yb.chunks_mut(d).zip(sb.iter_mut()).zip(xb.chunks(d)) {
+                        let mean = sum(xr).to_f64() / d as f64;
+                        let m = T::from_f64(mean);
+                        let var = sum_zip(xr, xr, |v, _| (v - m) * (v - m)).to_f64() / d as f64;
+                        let rstd = 1.0 / (var + eps).sqrt();
+                        let r = T::from_f64(rstd);
+                        for (((y, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                            *y = (v - m) * r * w + b;
+                        }
+                        *s = (mean, rstd);
+                    }
+                },
+            )
+        });
+    (y, stats)
+}
+
+/// The backward pass of [`layer_norm`] in one read of `x` and `dy`: the input gradient
+/// `dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))` with `g = dy · w`, and the weight and bias
+/// gradients `Σ dy · x̂` and `Σ dy` over the rows (in f64; per block of rows, then summed in
+/// block order, so the result does not depend on the thread count).
+pub(crate) fn layer_norm_backward<T: Float>(
+    x: &[T],
+    dy: &[T],
+    d: usize,
+    w: &[T],
+    stats: &[(f64, f64)],
+) -> (Vec<T>, PerChannel, PerChannel) {
+    assert_eq!(
+        x.len(),
+        dy.len(),
+        "layer norm backward: gradient of the wrong size"
+    );
+    assert_eq!(
+        x.len(),
+        stats.len() * d,
+        "layer norm backward: statistics per row"
+    );
+    let mut dx = vec![T::zero(); x.len()];
+    let block = rows_per_block(d);
+    let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(block * d)
+        .zip(x.par_chunks(block * d))
+        .zip(dy.par_chunks(block * d))
+        .zip(stats.par_chunks(block))
+        .map(|(((dxb, xb), dyb), sb)| {
+            let mut dw = vec![0.0; d];
+            let mut db = vec![0.0; d];
+            T::with_scratch(2 * d, |scratch| {
+                let (xhat, g) = scratch.split_at_mut(d);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let rows = dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d));
+                        for (((dxr, xr), dyr), &(mean, rstd)) in rows.zip(sb) {
+                            let (m, r) = (T::from_f64(mean), T::from_f64(rstd));
+                            for (((h, gi), &v), (&u, &wi)) in xhat
+                                .iter_mut()
+                                .zip(g.iter_mut())
+                                .zip(xr)
+                                .zip(dyr.iter().zip(w))
+                            {
+                                *h = (v - m) * r;
+                                *gi = u * wi;
+                            }
+                            let mean_g = T::from_f64(sum(g).to_f64() / d as f64);
+                            let mean_gh =
+                                T::from_f64(sum_zip(g, xhat, |a, b| a * b).to_f64() / d as f64);
+                            for ((o, &gi), &h) in dxr.iter_mut().zip(&*g).zip(&*xhat) {
+                                *o = r * (gi - mean_g - h * mean_gh);
+                            }
+                            for (((sw, sb), &u), &h) in
+                                dw.iter_mut().zip(db.iter_mut()).zip(dyr).zip(&*xhat)
+                            {
+                                *sw += (u * h).to_f64();
+                                *sb += u.to_f64();
+                            }
+                        }
+                    },
+                )
+            });
+            (dw, db)
+        })
+        .collect();
+    let mut dw = vec![0.0; d];
+    let mut db = vec![0.0; d];
+    for (pw, pb) in partial {
+        for (a, v) in dw.iter_mut().zip(pw) {
+            *a += v;
+        }
+        for (a, v) in db.iter_mut().zip(pb) {
+            *a += v;
+        }
+    }
+    (dx, dw, db)
+}
+
+/// Rows of `d` elements per parallel block of the layer-norm kernels: about 16k elements, so
+/// that blocks are worth a task but there are enough of them for both cores.
+fn rows_per_block(d: usize) -> usize {
+    (16_384 / d).max(1)
+}
