@@ -973,8 +973,8 @@ mod tests {
         let r = random(&[2, 6, 48, 56], 3).to_dtype(DType::F32).unwrap();
         let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
             let (xv, wv) = (
-                Var::from_tensor(&x).unwrap(),
-                Var::from_tensor(&wt).unwrap(),
+                candle_core::Var::from_tensor(&x).unwrap(),
+                candle_core::Var::from_tensor(&wt).unwrap(),
             );
             let y = f(xv.as_tensor(), wv.as_tensor()).unwrap();
             let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();

@@ -893,7 +893,9 @@ mod tests {
         for dtype in [DType::F64, DType::F32] {
             let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
             let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
-                let vars = inputs.clone().map(|t| Var::from_tensor(&t).unwrap());
+                let vars = inputs
+                    .clone()
+                    .map(|t| candle_core::Var::from_tensor(&t).unwrap());
                 let y = f(
                     vars[0].as_tensor(),
                     vars[1].as_tensor(),
