@@ -306,3 +306,57 @@ fn a_pytorch_state_dict_loads_by_name() {
     let total: f64 = probs.iter().map(|p| p.as_f64().expect("number")).sum();
     assert!((total - 1.0).abs() < 1e-4, "{total}");
 }
+
+#[test]
+fn frozen_parameters_keep_their_initial_values() {
+    let out = run_dir("train-freeze");
+    let run = train(
+        &out,
+        &["--epochs", "1", "--freeze", "0.*", "--freeze", "1.*"],
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    // The same network as the run builds, before any step.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compiled = dlc::session::compile(
+        &root.join("specs/lenet_bn.dlc"),
+        dlc::session::Select::One(Some("lenet_bn_relu")),
+        &[],
+    )
+    .expect("compiles");
+    let model = &compiled.models[0];
+    let recipe = dlc::train::config::recipe(model, &Default::default()).expect("recipe");
+    let initial = dlc::lower::Network::new(
+        model,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        recipe.init,
+        recipe.seed,
+    )
+    .expect("lowers");
+    let trained = dlc::train::checkpoint::load(&out.join("model.safetensors")).expect("loads");
+    let changed = |name: &str| -> bool {
+        let a = initial.state.params[name].as_tensor();
+        let b = &trained.tensors[name];
+        let diff: f32 = (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar())
+            .expect("difference");
+        diff > 0.0
+    };
+    for frozen in ["0.weight", "0.bias", "1.weight", "1.bias"] {
+        assert!(!changed(frozen), "{frozen} was frozen but changed");
+    }
+    for trained in ["4.weight", "9.weight", "15.bias"] {
+        assert!(changed(trained), "{trained} was trained but did not change");
+    }
+
+    let none = train(&out, &["--epochs", "1", "--freeze", "layer1.*"]);
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none));
+    assert!(
+        text(&none).contains("dlc::freeze") && text(&none).contains("matches no parameter"),
+        "{}",
+        text(&none)
+    );
+}

@@ -42,6 +42,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long, requires = "out")]
     resume: bool,
+    /// Freeze the parameters whose names match (`*`: any run of characters, as in
+    /// `layer1.*`): they keep their values and get no gradient. Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    freeze: Vec<String>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -83,6 +87,7 @@ pub fn run(args: TrainArgs) -> ExitCode {
         resume: args.resume,
         progress: !args.quiet,
         spec_hash: super::spec_hash(&compiled, &args.model),
+        freeze: args.freeze,
     };
     eprintln!(
         "training {} ({} params) → {}",

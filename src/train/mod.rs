@@ -36,6 +36,27 @@ pub struct RunOptions {
     pub progress: bool,
     /// Identifies the spec, model and overrides; stored in checkpoints and checked on resume.
     pub spec_hash: String,
+    /// Patterns of the parameters to freeze (`--freeze`), as [`crate::lower::State::freeze`].
+    pub freeze: Vec<String>,
+}
+
+/// Freezes the parameters of `net` that match each pattern of `opts.freeze`: they keep their
+/// values, get no gradient, and the optimiser leaves them out. A pattern that matches no
+/// parameter is an error.
+pub fn freeze(net: &mut Network, model: &Model, opts: &RunOptions) -> Result<(), Diag> {
+    for pattern in &opts.freeze {
+        if net.state.freeze(pattern) == 0 {
+            let first = net.state.params.keys().next().cloned().unwrap_or_default();
+            return Err(Diag::new(
+                "dlc::freeze",
+                format!("`--freeze {pattern}` matches no parameter of `{}`", model.name),
+            )
+            .help(format!(
+                "parameters are named `<layer>.<kind>` (the first is `{first}`); `*` matches any run of characters, as in `layer1.*`"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A failure inside the lowered network (a bug in dlc once `dlc check` accepted the model).
@@ -208,6 +229,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let device = Device::Cpu;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
+    freeze(&mut net, model, opts)?;
     let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let mut history: Vec<EpochStats> = Vec::new();
     let model_path = opts.out.join("model.safetensors");
