@@ -308,36 +308,31 @@ fn a_pytorch_state_dict_loads_by_name() {
 }
 
 #[test]
-fn frozen_parameters_keep_their_initial_values() {
-    let out = run_dir("train-freeze");
+fn fine_tuning_starts_from_weights_and_keeps_frozen_ones() {
+    let pretrained = run_dir("train-pretrained");
+    let first = train(&pretrained, &["--epochs", "1"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let weights = pretrained.join("model.safetensors");
+    let out = run_dir("train-fine-tune");
     let run = train(
         &out,
-        &["--epochs", "1", "--freeze", "0.*", "--freeze", "1.*"],
+        &[
+            "--epochs",
+            "1",
+            "--init",
+            weights.to_str().expect("utf-8"),
+            "--freeze",
+            "0.*",
+            "--freeze",
+            "1.*",
+        ],
     );
     assert!(run.status.success(), "{}", text(&run));
-    // The same network as the run builds, before any step.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let compiled = dlc::session::compile(
-        &root.join("specs/lenet_bn.dlc"),
-        dlc::session::Select::One(Some("lenet_bn_relu")),
-        &[],
-    )
-    .expect("compiles");
-    let model = &compiled.models[0];
-    let recipe = dlc::train::config::recipe(model, &Default::default()).expect("recipe");
-    let initial = dlc::lower::Network::new(
-        model,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-        recipe.init,
-        recipe.seed,
-    )
-    .expect("lowers");
-    let trained = dlc::train::checkpoint::load(&out.join("model.safetensors")).expect("loads");
+    assert!(text(&run).contains("init: "), "{}", text(&run));
+    let before = dlc::train::checkpoint::load(&weights).expect("loads");
+    let after = dlc::train::checkpoint::load(&out.join("model.safetensors")).expect("loads");
     let changed = |name: &str| -> bool {
-        let a = initial.state.params[name].as_tensor();
-        let b = &trained.tensors[name];
-        let diff: f32 = (a - b)
+        let diff: f32 = (&before.tensors[name] - &after.tensors[name])
             .and_then(|d| d.abs())
             .and_then(|d| d.flatten_all())
             .and_then(|d| d.max(0))

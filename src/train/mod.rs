@@ -36,14 +36,37 @@ pub struct RunOptions {
     pub progress: bool,
     /// Identifies the spec, model and overrides; stored in checkpoints and checked on resume.
     pub spec_hash: String,
+    /// Weights to start from (`--init`): those whose names and shapes fit, as
+    /// [`checkpoint::restore_matching`].
+    pub init: Option<PathBuf>,
     /// Patterns of the parameters to freeze (`--freeze`), as [`crate::lower::State::freeze`].
     pub freeze: Vec<String>,
 }
 
-/// Freezes the parameters of `net` that match each pattern of `opts.freeze`: they keep their
-/// values, get no gradient, and the optimiser leaves them out. A pattern that matches no
-/// parameter is an error.
-pub fn freeze(net: &mut Network, model: &Model, opts: &RunOptions) -> Result<(), Diag> {
+/// Prepares a fresh network for fine-tuning: loads the `opts.init` weights that fit, then
+/// freezes the parameters that match each pattern of `opts.freeze` (they keep their values,
+/// get no gradient, and the optimiser leaves them out). A pattern that matches no parameter
+/// is an error.
+pub fn init_and_freeze(net: &mut Network, model: &Model, opts: &RunOptions) -> Result<(), Diag> {
+    if let Some(path) = &opts.init {
+        let loaded = checkpoint::load(path)?;
+        let (matched, skipped) =
+            checkpoint::restore_matching(path, &loaded, &net.state.variables())?;
+        eprintln!(
+            "init: {} tensors from {}{}",
+            matched.len(),
+            path.display(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} of another shape kept fresh: {})",
+                    skipped.len(),
+                    skipped.join(", ")
+                )
+            }
+        );
+    }
     for pattern in &opts.freeze {
         if net.state.freeze(pattern) == 0 {
             let first = net.state.params.keys().next().cloned().unwrap_or_default();
@@ -229,7 +252,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let device = Device::Cpu;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
-    freeze(&mut net, model, opts)?;
+    init_and_freeze(&mut net, model, opts)?;
     let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let mut history: Vec<EpochStats> = Vec::new();
     let model_path = opts.out.join("model.safetensors");

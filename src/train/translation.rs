@@ -210,7 +210,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let steps = pairs.steps;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
-    super::freeze(&mut net, model, opts)?;
+    super::init_and_freeze(&mut net, model, opts)?;
     let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let model_path = opts.out.join("model.safetensors");
     let optim_path = opts.out.join("optimizer.safetensors");
