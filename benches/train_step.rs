@@ -29,7 +29,7 @@
 //!
 //! Columns:
 //! - `dlc`: `dlc::lower::Network` built from the spec, updated by `dlc::train::optim::Stepper`
-//!   (SGD, no momentum or weight decay); inference is `Network::forward` with `train` false.
+//!   (SGD, no momentum or weight decay); inference is `Network::infer` (evaluation mode, no gradients).
 //!   Where the spec or model does not exist (yet), the column says "not built" and why.
 //! - `candle-nn`: the same layers written with `candle_nn::conv2d` / `linear` / `batch_norm`
 //!   / `rnn::lstm` / `rnn::gru` and candle's own `avg_pool2d` / `max_pool2d`, updated by
@@ -71,6 +71,9 @@
 //!   activations of the real forward pass, summed by op [DLC_BENCH_LAYERS=1] (training rows)
 //! - `--markdown`: also the table for the README's "Speed" section, with a header line naming
 //!   the machine, the date, the versions and this command [DLC_BENCH_MARKDOWN=1]
+//! - `--freeze PATTERN` (repeatable): the dlc column freezes the parameters whose names match
+//!   (`*` any run of characters; `dlc::lower::State::freeze`) and trains the others, as a
+//!   fine-tuning step would; run it with `--only dlc`, the other columns train everything
 //! - `--threads N`: PyTorch's thread count [DLC_BENCH_THREADS]; default the number of cores
 //!   (candle's pool follows `RAYON_NUM_THREADS`, else the number of cores)
 
@@ -274,6 +277,7 @@ struct Opts {
     torch: bool,
     threads: usize,
     python: PathBuf,
+    freeze: Vec<String>,
 }
 
 fn usage() -> ! {
@@ -281,7 +285,7 @@ fn usage() -> ! {
         "usage: cargo bench --bench train_step -- \
          [lenet|resnet|mobilenet|lstm|gru|infer1|infer32|rnn|infer|train|all]... [--steps N] \
          [--rounds N] [--warmup N] [--only dlc,candle,torch] [--no-torch] [--breakdown] [--layers] \
-         [--markdown] [--threads N]"
+         [--markdown] [--threads N] [--freeze PATTERN]..."
     );
     std::process::exit(2)
 }
@@ -333,6 +337,7 @@ fn parse_opts() -> Opts {
         python: PathBuf::from(
             env("DLC_TORCH_PYTHON").unwrap_or_else(|| "/work/venv/bin/python".into()),
         ),
+        freeze: Vec::new(),
     };
     if let Some(only) = env("DLC_BENCH_ONLY") {
         parse_only(&only, &mut o);
@@ -367,6 +372,7 @@ fn parse_opts() -> Opts {
             "--breakdown" => o.breakdown = true,
             "--layers" => o.layers = true,
             "--markdown" => o.markdown = true,
+            "--freeze" => o.freeze.push(value("--freeze")),
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => {
                 eprintln!("unknown option `{s}`");
@@ -546,8 +552,9 @@ struct DlcTrainer {
 
 impl DlcTrainer {
     /// Compiles and lowers the row's spec; `Err` says in one line why the column is not built
-    /// (a spec or model not there yet, or one that does not compile or lower).
-    fn new(net_kind: Net) -> std::result::Result<Self, String> {
+    /// (a spec or model not there yet, or one that does not compile or lower). The parameters
+    /// matching a `freeze` pattern are frozen.
+    fn new(net_kind: Net, freeze: &[String]) -> std::result::Result<Self, String> {
         let (file, model, sets) = net_kind.spec();
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         if !path.exists() {
@@ -559,15 +566,23 @@ impl DlcTrainer {
             format!("{file} model `{model}` does not compile: {first}")
         })?;
         let model = compiled.models.into_iter().next().expect("one model");
-        let net = Network::new(&model, &Device::Cpu, DType::F32, Init::Torch, SEED)
+        let mut net = Network::new(&model, &Device::Cpu, DType::F32, Init::Torch, SEED)
             .map_err(|e| format!("{file} model `{}` does not lower: {e}", model.name))?;
+        for pattern in freeze {
+            if net.state.freeze(pattern) == 0 {
+                return Err(format!(
+                    "--freeze {pattern}: no parameter of `{}` matches",
+                    model.name
+                ));
+            }
+        }
         let sgd = Optimizer::Sgd {
             lr: LR,
             momentum: 0.0,
             weight_decay: 0.0,
             nesterov: false,
         };
-        let stepper = Stepper::new(sgd, &net.state.params);
+        let stepper = Stepper::new(sgd, &net.state.trainable());
         Ok(DlcTrainer {
             model,
             net,
@@ -772,7 +787,7 @@ impl Trainer for DlcTrainer {
 
 impl Inferer for DlcTrainer {
     fn infer(&mut self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.net.forward(std::slice::from_ref(x), false)?.remove(0))
+        Ok(self.net.infer(std::slice::from_ref(x))?.remove(0))
     }
 }
 
@@ -1259,7 +1274,7 @@ fn main() -> Result<()> {
         let mut candle_trainer = None;
         let mut candle_inferer = None;
         if o.dlc {
-            match DlcTrainer::new(net) {
+            match DlcTrainer::new(net, &o.freeze) {
                 Ok(t) => {
                     agree("dlc", t.net.state.param_count());
                     dlc_trainer = Some(t);

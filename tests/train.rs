@@ -306,3 +306,52 @@ fn a_pytorch_state_dict_loads_by_name() {
     let total: f64 = probs.iter().map(|p| p.as_f64().expect("number")).sum();
     assert!((total - 1.0).abs() < 1e-4, "{total}");
 }
+
+#[test]
+fn fine_tuning_starts_from_weights_and_keeps_frozen_ones() {
+    let pretrained = run_dir("train-pretrained");
+    let first = train(&pretrained, &["--epochs", "1"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let weights = pretrained.join("model.safetensors");
+    let out = run_dir("train-fine-tune");
+    let run = train(
+        &out,
+        &[
+            "--epochs",
+            "1",
+            "--init",
+            weights.to_str().expect("utf-8"),
+            "--freeze",
+            "0.*",
+            "--freeze",
+            "1.*",
+        ],
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("init: "), "{}", text(&run));
+    let before = dlc::train::checkpoint::load(&weights).expect("loads");
+    let after = dlc::train::checkpoint::load(&out.join("model.safetensors")).expect("loads");
+    let changed = |name: &str| -> bool {
+        let diff: f32 = (&before.tensors[name] - &after.tensors[name])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar())
+            .expect("difference");
+        diff > 0.0
+    };
+    for frozen in ["0.weight", "0.bias", "1.weight", "1.bias"] {
+        assert!(!changed(frozen), "{frozen} was frozen but changed");
+    }
+    for trained in ["4.weight", "9.weight", "15.bias"] {
+        assert!(changed(trained), "{trained} was trained but did not change");
+    }
+
+    let none = train(&out, &["--epochs", "1", "--freeze", "layer1.*"]);
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none));
+    assert!(
+        text(&none).contains("dlc::freeze") && text(&none).contains("matches no parameter"),
+        "{}",
+        text(&none)
+    );
+}

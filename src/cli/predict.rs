@@ -285,10 +285,7 @@ fn predict(
             .collect();
         let x = Tensor::from_vec(values, (chunk.len(), c, h, w), &Device::Cpu)
             .map_err(train::runtime_error)?;
-        let logits = net
-            .forward(&[x], false)
-            .map_err(train::runtime_error)?
-            .remove(0);
+        let logits = net.infer(&[x]).map_err(train::runtime_error)?.remove(0);
         let logits = logits
             .to_dtype(DType::F32)
             .and_then(|l| l.to_vec2::<f32>())

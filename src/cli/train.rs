@@ -42,6 +42,14 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long, requires = "out")]
     resume: bool,
+    /// Start from these weights (a checkpoint, or a state dict saved as safetensors): every
+    /// tensor whose name and shape fit loads, the rest of the model starts fresh.
+    #[arg(long, value_name = "WEIGHTS")]
+    init: Option<PathBuf>,
+    /// Freeze the parameters whose names match (`*`: any run of characters, as in
+    /// `layer1.*`): they keep their values and get no gradient. Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    freeze: Vec<String>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -83,6 +91,8 @@ pub fn run(args: TrainArgs) -> ExitCode {
         resume: args.resume,
         progress: !args.quiet,
         spec_hash: super::spec_hash(&compiled, &args.model),
+        init: args.init,
+        freeze: args.freeze,
     };
     eprintln!(
         "training {} ({} params) → {}",

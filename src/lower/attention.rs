@@ -3,10 +3,10 @@
 //! `nn.MultiheadAttention` (`in_proj_weight`, `in_proj_bias`, `out_proj.*`) or d2l's
 //! `MultiHeadAttention` (`W_q`, `W_k`, `W_v`, `W_o`).
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::linear::linear;
-use super::params::State;
+use super::params::{Param, State};
 use crate::ops::attention::Attention as AttentionCfg;
 
 /// The score given to masked keys before the softmax, as d2l's `masked_softmax`: their weight
@@ -45,13 +45,13 @@ enum Layout {
     /// `nn.MultiheadAttention`: `in_proj_weight [3D, D]`, `in_proj_bias [3D]`,
     /// `out_proj.weight [D, D]`, `out_proj.bias [D]`.
     Packed {
-        in_weight: Var,
-        in_bias: Option<Var>,
-        out_weight: Var,
-        out_bias: Option<Var>,
+        in_weight: Param,
+        in_bias: Option<Param>,
+        out_weight: Param,
+        out_bias: Option<Param>,
     },
     /// d2l: `W_q`, `W_k`, `W_v`, `W_o`, each a linear layer `(weight, bias)`.
-    Separate([(Var, Option<Var>); 4]),
+    Separate([(Param, Option<Param>); 4]),
 }
 
 /// A multi-head attention layer.
@@ -93,7 +93,7 @@ impl Attention {
                     .transpose()?,
             }
         } else {
-            let mut linear = |proj: &str, fan_in: usize| -> Result<(Var, Option<Var>)> {
+            let mut linear = |proj: &str, fan_in: usize| -> Result<(Param, Option<Param>)> {
                 let weight = state.weight(&format!("{name}.{proj}.weight"), &[width, fan_in])?;
                 let bias = cfg
                     .bias
@@ -123,11 +123,12 @@ impl Attention {
         })
     }
 
-    /// The projections as tensors (the packed input projection is split in three rows).
-    fn projections(&self) -> Result<Projections> {
-        let affine = |w: &Var, b: &Option<Var>| Affine {
-            weight: w.as_tensor().clone(),
-            bias: b.as_ref().map(|b| b.as_tensor().clone()),
+    /// The projections as tensors (the packed input projection is split in three rows),
+    /// recorded for the backward pass when `grad`.
+    fn projections(&self, grad: bool) -> Result<Projections> {
+        let affine = |w: &Param, b: &Option<Param>| Affine {
+            weight: w.read(grad),
+            bias: b.as_ref().map(|b| b.read(grad)),
         };
         Ok(match &self.layout {
             Layout::Packed {
@@ -139,10 +140,10 @@ impl Attention {
                 let d = self.width;
                 let part = |i: usize| -> Result<Affine> {
                     Ok(Affine {
-                        weight: in_weight.as_tensor().narrow(0, i * d, d)?,
+                        weight: in_weight.read(grad).narrow(0, i * d, d)?,
                         bias: in_bias
                             .as_ref()
-                            .map(|b| b.as_tensor().narrow(0, i * d, d))
+                            .map(|b| b.read(grad).narrow(0, i * d, d))
                             .transpose()?,
                     })
                 };
@@ -163,8 +164,15 @@ impl Attention {
     }
 
     /// `args`: the queries, then the keys and values if cross-attention, then the padding mask
-    /// if any. In training, dropout on the attention weights draws from `state`.
-    pub fn forward(&self, args: &[&Tensor], train: bool, state: &mut State) -> Result<Tensor> {
+    /// if any. In training, dropout on the attention weights draws from `state`. Recorded for
+    /// the backward pass when `grad`.
+    pub fn forward(
+        &self,
+        args: &[&Tensor],
+        train: bool,
+        grad: bool,
+        state: &mut State,
+    ) -> Result<Tensor> {
         let query = args[0];
         let kv = if self.cross { args[1] } else { query };
         let padding = self
@@ -181,7 +189,7 @@ impl Attention {
         multi_head_attention(
             query,
             kv,
-            &self.projections()?,
+            &self.projections(grad)?,
             self.heads,
             keep.as_ref(),
             dropout,

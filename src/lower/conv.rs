@@ -13,20 +13,21 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
-    WithDType, bail,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail,
 };
 
 use super::conv_kernel::{self, Algorithm, Geometry};
-use super::kernel::Float;
-use super::params::State;
+use super::kernel::{Float, vectorized};
+use super::params::{Param, State};
 use crate::ops::conv::{Conv2d, ConvTranspose2d};
+use rayon::prelude::*;
 
 /// A convolution layer with its parameters.
 pub struct Conv {
     cfg: Conv2d,
-    weight: Var,
-    bias: Option<Var>,
+    weight: Param,
+    bias: Option<Param>,
 }
 
 impl Conv {
@@ -48,14 +49,57 @@ impl Conv {
         })
     }
 
-    /// `[N, C, H, W] -> [N, out, H', W']`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(
-            x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(Var::as_tensor),
-            &self.cfg,
-        )
+    /// `[N, C, H, W] -> [N, out, H', W']`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.read(grad));
+        conv2d(x, &self.weight.read(grad), bias.as_ref(), &self.cfg)
+    }
+}
+
+/// About how many passes over a convolution's output a batch norm (and ReLU) takes in
+/// evaluation mode when it is not folded into the convolution.
+const UNFOLDED_NORM_PASSES: usize = 4;
+
+impl Conv {
+    /// Whether folding a following batch norm into this convolution at an evaluation call on
+    /// an input of `x_dims` costs less than normalising the output apart: the fold passes once
+    /// over the weight, the separate batch norm a few times over the output. So it pays at
+    /// large batches and in the early, wide layers, not for batch 1 in the late layers, whose
+    /// weights are large and outputs small.
+    pub fn fold_pays(&self, x_dims: &[usize]) -> bool {
+        Geometry::new(&self.cfg, x_dims, self.weight.dims()).is_ok_and(|g| {
+            self.weight.elem_count() <= UNFOLDED_NORM_PASSES * g.n * g.o * g.oh * g.ow
+        })
+    }
+
+    /// Evaluation without gradients of this convolution followed by the per-channel map
+    /// `y·scale + shift` (a batch norm's, [`super::norm::BatchNorm::eval_affine`]) and, if
+    /// `relu`, a ReLU: one convolution with the weight `w·scale` and the bias
+    /// `b·scale + shift`, computed from the current parameters at each call, the ReLU applied
+    /// to its output in place. Candle records nothing; the op has no backward.
+    pub fn forward_folded(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let weight = self.weight.read(false);
+        let per_out = scale.reshape((scale.elem_count(), 1, 1, 1))?;
+        let weight = weight.broadcast_mul(&per_out)?;
+        let bias = match &self.bias {
+            Some(b) => (b.read(false).mul(scale)? + shift)?,
+            None => shift.clone(),
+        };
+        if !relu {
+            return conv2d(x, &weight, Some(&bias), &self.cfg);
+        }
+        if !x.device().is_cpu() {
+            bail!("conv: only the CPU is supported");
+        }
+        let g = Geometry::new(&self.cfg, x.dims(), weight.dims())?;
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &ConvReluOp(g))
     }
 }
 
@@ -81,8 +125,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, cfg: &Conv2d) 
 /// A transposed convolution layer with its parameters.
 pub struct ConvTranspose {
     cfg: ConvTranspose2d,
-    weight: Var,
-    bias: Option<Var>,
+    weight: Param,
+    bias: Option<Param>,
 }
 
 impl ConvTranspose {
@@ -118,14 +162,10 @@ impl ConvTranspose {
         })
     }
 
-    /// `[N, C, H, W] -> [N, out, H', W']`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv_transpose2d(
-            x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(Var::as_tensor),
-            &self.cfg,
-        )
+    /// `[N, C, H, W] -> [N, out, H', W']`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.read(grad));
+        conv_transpose2d(x, &self.weight.read(grad), bias.as_ref(), &self.cfg)
     }
 }
 
@@ -273,6 +313,29 @@ fn forward<T: Float>(
     ))
 }
 
+/// [`forward`] with a bias, then `max(0, ·)` in place.
+fn forward_relu<T: Float>(
+    g: &Geometry,
+    x: Operand<'_>,
+    w: Operand<'_>,
+    b: Operand<'_>,
+) -> Result<Vec<T>> {
+    let mut y = forward::<T>(g, x, w, Some(b))?;
+    y.par_chunks_mut(1 << 14).for_each(|chunk| {
+        vectorized(
+            #[inline(always)]
+            || {
+                for v in chunk.iter_mut() {
+                    if *v < T::zero() {
+                        *v = T::zero();
+                    }
+                }
+            },
+        )
+    });
+    Ok(y)
+}
+
 fn input_grad<T: Float>(g: &Geometry, dy: Operand<'_>, w: Operand<'_>) -> Result<Vec<T>> {
     let (_, wd, yd) = dims(g);
     Ok(conv_kernel::input_grad(
@@ -303,6 +366,32 @@ fn bias_grad<T: Float>(g: &Geometry, dy: Operand<'_>) -> Result<Vec<T>> {
 
 /// The forward convolution of one geometry, on `(x, w)` or `(x, w, b)`.
 struct ConvOp(Geometry);
+
+/// The convolution with a bias followed by a ReLU, for evaluation only (no backward).
+struct ConvReluOp(Geometry);
+
+impl CustomOp3 for ConvReluOp {
+    fn name(&self) -> &'static str {
+        "dlc-conv2d-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(
+            "conv",
+            s1.dtype(),
+            forward_relu(&self.0, (s1, l1), (s2, l2), (s3, l3))
+        );
+        Ok((out, ConvOp(self.0).out_shape()))
+    }
+}
 
 impl ConvOp {
     fn out_shape(&self) -> Shape {
@@ -611,7 +700,10 @@ mod tests {
     ) -> (Tensor, [Option<Tensor>; 3]) {
         let track = |t: &Tensor, v: bool| {
             if v {
-                Var::from_tensor(t).unwrap().as_tensor().clone()
+                candle_core::Var::from_tensor(t)
+                    .unwrap()
+                    .as_tensor()
+                    .clone()
             } else {
                 t.clone()
             }
@@ -881,8 +973,8 @@ mod tests {
         let r = random(&[2, 6, 48, 56], 3).to_dtype(DType::F32).unwrap();
         let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
             let (xv, wv) = (
-                Var::from_tensor(&x).unwrap(),
-                Var::from_tensor(&wt).unwrap(),
+                candle_core::Var::from_tensor(&x).unwrap(),
+                candle_core::Var::from_tensor(&wt).unwrap(),
             );
             let y = f(xv.as_tensor(), wv.as_tensor()).unwrap();
             let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();

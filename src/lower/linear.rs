@@ -1,14 +1,14 @@
 //! Fully connected layer on the last axis.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 
-use super::params::State;
+use super::params::{Param, State};
 use crate::ops::linear::Linear as LinearCfg;
 
 /// `y = x Wᵀ + b`.
 pub struct Linear {
-    weight: Var,
-    bias: Option<Var>,
+    weight: Param,
+    bias: Option<Param>,
 }
 
 impl Linear {
@@ -24,13 +24,10 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// `[N, ..., in] -> [N, ..., out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(
-            x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(Var::as_tensor),
-        )
+    /// `[N, ..., in] -> [N, ..., out]`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.read(grad));
+        linear(x, &self.weight.read(grad), bias.as_ref())
     }
 }
 

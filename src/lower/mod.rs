@@ -30,7 +30,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::elaborate::Model;
 use crate::ir::Graph;
 use crate::ops::Op;
-pub use params::{Init, State};
+pub use params::{Init, Param, State};
 
 /// What one node computes.
 enum Layer {
@@ -77,6 +77,9 @@ pub struct Network {
     /// For each node, the last node that reads it (its value is dropped after that).
     last_use: Vec<usize>,
     outputs: Vec<usize>,
+    /// For each convolution, the batch norm that is its only reader: [`Network::infer`] folds
+    /// the batch norm (and a ReLU fused into it) into the convolution.
+    folded_norm: Vec<Option<usize>>,
     /// Parameters, buffers and the random generator.
     pub state: State,
 }
@@ -222,19 +225,43 @@ impl Network {
         }
         let outputs: Vec<usize> = g.outputs.iter().map(|o| o.index()).collect();
         fuse_batch_norm_relu(&mut layers, &inputs, &outputs);
+        let folded_norm = batch_norms_after_convs(&layers, &inputs, &outputs);
         Ok(Network {
             layers,
             inputs,
             last_use,
             outputs,
+            folded_norm,
             state,
         })
     }
 
     /// Runs the network on one tensor per model input; returns one tensor per output.
     /// In training mode dropout is active and batch norm uses (and updates) batch statistics.
+    /// In either mode candle records the pass for `backward` (the gradients of the parameters
+    /// that are not frozen, and of any input that is a variable).
     pub fn forward(&mut self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+        self.run(xs, train, true)
+    }
+
+    /// Evaluation mode without gradients, as PyTorch's `model.eval()` under `torch.no_grad()`:
+    /// the parameters enter detached, so candle records nothing and each activation is freed
+    /// after its last reader. Each batch norm that is a convolution's only reader is folded
+    /// into it (the weight scaled per output channel, the bias shifted, a fused ReLU applied
+    /// in place) where that costs less than the batch norm ([`conv::Conv::fold_pays`]), from
+    /// the current parameters and statistics at every call: the fold reads the weights once,
+    /// and nothing can go stale when an optimiser or a checkpoint sets a parameter in place.
+    pub fn infer(&mut self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.run(xs, false, false)
+    }
+
+    /// One pass in training or evaluation mode; the parameters are read for the backward pass
+    /// when `grad`.
+    fn run(&mut self, xs: &[Tensor], train: bool, grad: bool) -> Result<Vec<Tensor>> {
         let n = self.layers.len();
+        let inference = !train && !grad;
+        // The batch norms folded into their convolutions in this pass.
+        let mut folded = vec![false; n];
         // Each node's outputs, by slot; emptied after the node's last reader.
         let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); n];
         for i in 0..n {
@@ -251,17 +278,27 @@ impl Network {
             // A layer with several outputs (recurrent: sequence and state) returns them all,
             // by slot; the others return one.
             let y = match &self.layers[i] {
-                Layer::Recurrent(r) => r.forward(&args, train, &mut self.state)?,
+                Layer::Recurrent(r) => r.forward(&args, train, grad, &mut self.state)?,
                 single => vec![match single {
                     Layer::Input(k) => xs
                         .get(*k)
                         .cloned()
                         .ok_or_else(|| candle_core::Error::Msg(format!("missing input {k}")))?,
                     Layer::Identity => one()?.clone(),
-                    Layer::Conv(c) => c.forward(one()?)?,
-                    Layer::Linear(l) => l.forward(one()?)?,
-                    Layer::BatchNorm(b) => b.forward(one()?, train)?,
-                    Layer::LayerNorm(l) => l.forward(one()?)?,
+                    Layer::Conv(c) => match self.folded_norm[i].map(|j| (j, &self.layers[j])) {
+                        Some((j, Layer::BatchNorm(b)))
+                            if inference && c.fold_pays(one()?.dims()) =>
+                        {
+                            folded[j] = true;
+                            let (scale, shift, relu) = b.eval_affine()?;
+                            c.forward_folded(one()?, &scale, &shift, relu)?
+                        }
+                        _ => c.forward(one()?, grad)?,
+                    },
+                    Layer::BatchNorm(_) if folded[i] => one()?.clone(),
+                    Layer::Linear(l) => l.forward(one()?, grad)?,
+                    Layer::BatchNorm(b) => b.forward(one()?, train, grad)?,
+                    Layer::LayerNorm(l) => l.forward(one()?, grad)?,
                     Layer::Lrn(cfg) => norm::lrn(one()?, cfg)?,
                     Layer::Activation(a) => activation::activate(one()?, *a)?,
                     Layer::Softmax(axis) => activation::softmax(one()?, *axis)?,
@@ -299,15 +336,15 @@ impl Network {
                         layout::broadcast(one()?, like, *axis)?
                     }
                     Layer::Mul => layout::mul(&args)?,
-                    Layer::ConvTranspose(c) => c.forward(one()?)?,
+                    Layer::ConvTranspose(c) => c.forward(one()?, grad)?,
                     Layer::Upsample(r) => r.forward(one()?)?,
                     Layer::Pad(sides) => spatial::pad(one()?, *sides)?,
                     Layer::Crop(origin, size) => spatial::crop(one()?, *origin, *size)?,
-                    Layer::Attention(a) => a.forward(&args, train, &mut self.state)?,
+                    Layer::Attention(a) => a.forward(&args, train, grad, &mut self.state)?,
                     Layer::PosEnc(p) => p.forward(one()?, train, &mut self.state)?,
-                    Layer::PosEmbedding(p) => p.forward(one()?)?,
-                    Layer::ClassToken(c) => c.forward(one()?)?,
-                    Layer::Embedding(e) => e.forward(one()?)?,
+                    Layer::PosEmbedding(p) => p.forward(one()?, grad)?,
+                    Layer::ClassToken(c) => c.forward(one()?, grad)?,
+                    Layer::Embedding(e) => e.forward(one()?, grad)?,
                     Layer::OneHot(classes) => {
                         sequence::one_hot(one()?, *classes, self.state.dtype)?
                     }
@@ -333,6 +370,34 @@ impl Network {
             })
             .collect()
     }
+}
+
+/// For each node, the batch norm that reads it, if the node is a convolution, the batch norm
+/// its only reader and the convolution not a model output: the pairs that
+/// [`Network::infer`] folds.
+fn batch_norms_after_convs(
+    layers: &[Layer],
+    inputs: &[Vec<(usize, usize)>],
+    outputs: &[usize],
+) -> Vec<Option<usize>> {
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); layers.len()];
+    for (i, ins) in inputs.iter().enumerate() {
+        for (j, _) in ins {
+            readers[*j].push(i);
+        }
+    }
+    (0..layers.len())
+        .map(|i| match readers[i].as_slice() {
+            &[j] if matches!(layers[i], Layer::Conv(_))
+                && matches!(layers[j], Layer::BatchNorm(_))
+                && inputs[j] == [(i, 0)]
+                && !outputs.contains(&i) =>
+            {
+                Some(j)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Fuses each batch norm whose only reader is a ReLU into that ReLU: the batch norm applies it

@@ -6,14 +6,12 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 
 use super::kernel::Float;
 use super::norm_kernel::{self, Extent};
 
-use super::params::State;
+use super::params::{Param, State};
 use crate::ops::norm::{BatchNorm as BatchNormCfg, LayerNorm as LayerNormCfg, Lrn};
 
 /// A batch-norm layer over axis 1.
@@ -21,10 +19,10 @@ pub struct BatchNorm {
     cfg: BatchNormCfg,
     /// A ReLU fused after the normalisation (see [`BatchNorm::then_relu`]).
     relu: bool,
-    weight: Var,
-    bias: Var,
-    running_mean: Var,
-    running_var: Var,
+    weight: Param,
+    bias: Param,
+    running_mean: Param,
+    running_var: Param,
 }
 
 /// `[C]` reshaped to broadcast against a tensor of `rank` over axis 1.
@@ -53,9 +51,9 @@ impl BatchNorm {
     }
 
     /// Normalises (then applies the fused ReLU, if any); in training also updates the running
-    /// statistics.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+    /// statistics. Recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, train: bool, grad: bool) -> Result<Tensor> {
+        let (w, b) = (&self.weight.read(grad), &self.bias.read(grad));
         if !train {
             let y = self.normalize_running(x, w, b)?;
             return if self.relu {
@@ -68,21 +66,34 @@ impl BatchNorm {
         let count = x.elem_count() / x.dim(1)?;
         let m = self.cfg.momentum;
         let unbiased = (var * (count as f64 / (count.max(2) - 1) as f64))?;
-        let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
-        let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+        let new_mean = ((self.running_mean.read(false) * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((self.running_var.read(false) * (1.0 - m))? + (unbiased * m)?)?;
         self.running_mean.set(&new_mean)?;
         self.running_var.set(&new_var)?;
         Ok(y)
     }
 
+    /// The per-channel map `x·scale + shift` that this layer applies in evaluation mode
+    /// (`scale = γ / √(running_var + ε)`, `shift = β − running_mean·scale`), from the current
+    /// parameters and statistics, detached; and whether a ReLU follows it. What
+    /// [`super::conv::Conv::forward_folded`] folds into the convolution before this layer.
+    pub fn eval_affine(&self) -> Result<(Tensor, Tensor, bool)> {
+        let scale = (self.running_var.read(false) + self.cfg.eps)?
+            .sqrt()?
+            .recip()?
+            .mul(&self.weight.read(false))?;
+        let shift = (self.bias.read(false) - self.running_mean.read(false).mul(&scale)?)?;
+        Ok((scale, shift, self.relu))
+    }
+
     /// Evaluation mode: normalised by the running statistics.
     fn normalize_running(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         let rank = x.rank();
-        let inv_std = (per_channel(self.running_var.as_tensor(), rank)? + self.cfg.eps)?
+        let inv_std = (per_channel(&self.running_var.read(false), rank)? + self.cfg.eps)?
             .sqrt()?
             .recip()?;
         let normed = x
-            .broadcast_sub(&per_channel(self.running_mean.as_tensor(), rank)?)?
+            .broadcast_sub(&per_channel(&self.running_mean.read(false), rank)?)?
             .broadcast_mul(&inv_std)?;
         normed
             .broadcast_mul(&per_channel(w, rank)?)?
@@ -456,8 +467,8 @@ impl CustomOp3 for InputGrad {
 /// A layer-norm layer over the last axis.
 pub struct LayerNorm {
     eps: f64,
-    weight: Var,
-    bias: Var,
+    weight: Param,
+    bias: Param,
 }
 
 impl LayerNorm {
@@ -470,9 +481,10 @@ impl LayerNorm {
         })
     }
 
-    /// Normalises (the same in training and evaluation).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
+    /// Normalises (the same in training and evaluation); recorded for the backward pass when
+    /// `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        layer_norm(x, &self.weight.read(grad), &self.bias.read(grad), self.eps)
     }
 }
 
@@ -688,7 +700,10 @@ mod tests {
             .zip(vars)
             .map(|(t, v)| {
                 if v {
-                    Var::from_tensor(t).unwrap().as_tensor().clone()
+                    candle_core::Var::from_tensor(t)
+                        .unwrap()
+                        .as_tensor()
+                        .clone()
                 } else {
                     t.clone()
                 }
@@ -846,7 +861,7 @@ mod tests {
         .unwrap();
         // One channel, values 1..=4: mean 2.5, unbiased variance 5/3.
         let x = Tensor::new(&[[1.0f64], [2.0], [3.0], [4.0]], &dev).unwrap();
-        bn.forward(&x, true).unwrap();
+        bn.forward(&x, true, true).unwrap();
         let mean = bn.running_mean.as_tensor().to_vec1::<f64>().unwrap()[0];
         let var = bn.running_var.as_tensor().to_vec1::<f64>().unwrap()[0];
         assert!((mean - 0.25).abs() < 1e-12, "{mean}");
@@ -878,7 +893,9 @@ mod tests {
         for dtype in [DType::F64, DType::F32] {
             let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
             let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
-                let vars = inputs.clone().map(|t| Var::from_tensor(&t).unwrap());
+                let vars = inputs
+                    .clone()
+                    .map(|t| candle_core::Var::from_tensor(&t).unwrap());
                 let y = f(
                     vars[0].as_tensor(),
                     vars[1].as_tensor(),

@@ -2,9 +2,9 @@
 //! table), the learned positional embedding and the class token (parameters stored under the
 //! node's own name).
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 
-use super::params::State;
+use super::params::{Param, State};
 use crate::ops::position::PosEnc as PosEncCfg;
 
 /// d2l's `PositionalEncoding`: adds a fixed table of sines and cosines, then dropout.
@@ -54,7 +54,7 @@ impl PosEnc {
 
 /// A learned positional embedding `[1, len, D]`; the first `T` positions are added.
 pub struct PosEmbedding {
-    embedding: Var,
+    embedding: Param,
 }
 
 impl PosEmbedding {
@@ -65,9 +65,9 @@ impl PosEmbedding {
         })
     }
 
-    /// `x + E[:, :T]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_positions(x, self.embedding.as_tensor())
+    /// `x + E[:, :T]`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        add_positions(x, &self.embedding.read(grad))
     }
 }
 
@@ -78,7 +78,7 @@ pub fn add_positions(x: &Tensor, embedding: &Tensor) -> Result<Tensor> {
 
 /// A learned token `[1, 1, D]` put in front of every sequence.
 pub struct ClassToken {
-    token: Var,
+    token: Param,
 }
 
 impl ClassToken {
@@ -89,9 +89,9 @@ impl ClassToken {
         })
     }
 
-    /// `[N, T, D] -> [N, T+1, D]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        prepend(x, self.token.as_tensor())
+    /// `[N, T, D] -> [N, T+1, D]`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        prepend(x, &self.token.read(grad))
     }
 }
 

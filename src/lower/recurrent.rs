@@ -17,10 +17,10 @@
 //! (`step`): the input of a step depends on the output of the one before, so neither the
 //! projection of all steps at once nor the recurrence kernel applies.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 
 use super::linear::linear;
-use super::params::{Init, State};
+use super::params::{Init, Param, State};
 use super::recurrent_kernel::recurrence;
 use crate::ops::sequence::{Cell, Recurrent as RecurrentCfg};
 
@@ -54,9 +54,9 @@ pub struct AttentionWeights {
 pub struct Recurrent {
     cfg: RecurrentCfg,
     /// Per layer, then per direction (forward, reverse): `[w_ih, w_hh, b_ih, b_hh]`.
-    cells: Vec<[Var; 4]>,
+    cells: Vec<[Param; 4]>,
     /// `[w_q, w_k, w_v]` when attending.
-    attention: Option<[Var; 3]>,
+    attention: Option<[Param; 3]>,
 }
 
 impl Recurrent {
@@ -114,11 +114,13 @@ impl Recurrent {
 
     /// Runs on the node's inputs (sequence, then the state, cell and memory given); returns
     /// the sequence, the final state (and cell). In training, dropout between layers (and on
-    /// the attention weights) draws its masks from `state`.
+    /// the attention weights) draws its masks from `state`. Recorded for the backward pass
+    /// when `grad`.
     pub fn forward(
         &self,
         inputs: &[&Tensor],
         train: bool,
+        grad: bool,
         state: &mut State,
     ) -> Result<Vec<Tensor>> {
         let mut rest = inputs[1..].iter().copied();
@@ -133,16 +135,16 @@ impl Recurrent {
             .cells
             .iter()
             .map(|[w_ih, w_hh, b_ih, b_hh]| CellWeights {
-                w_ih: w_ih.as_tensor().clone(),
-                w_hh: w_hh.as_tensor().clone(),
-                b_ih: b_ih.as_tensor().clone(),
-                b_hh: b_hh.as_tensor().clone(),
+                w_ih: w_ih.read(grad),
+                w_hh: w_hh.read(grad),
+                b_ih: b_ih.read(grad),
+                b_hh: b_hh.read(grad),
             })
             .collect();
         let attention = self.attention.as_ref().map(|[q, k, v]| AttentionWeights {
-            w_q: q.as_tensor().clone(),
-            w_k: k.as_tensor().clone(),
-            w_v: v.as_tensor().clone(),
+            w_q: q.read(grad),
+            w_k: k.read(grad),
+            w_v: v.read(grad),
         });
         let p = self.cfg.dropout;
         let mut dropout = |x: &Tensor| -> Result<Tensor> {
@@ -387,7 +389,7 @@ fn step_by_step(
 mod tests {
     use super::*;
     use crate::lower::gradcheck::{check_grads, random};
-    use candle_core::DType;
+    use candle_core::{DType, Var};
 
     fn cfg(cell: Cell, hidden: u64, layers: u64, bidirectional: bool) -> RecurrentCfg {
         RecurrentCfg {

@@ -2,14 +2,14 @@
 //! `one_hot`. Token ids arrive as an integer tensor (`u8`, `u32` or `i64`); float ids are
 //! converted.
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor};
 
-use super::params::State;
+use super::params::{Param, State};
 use crate::ops::sequence::Embedding as EmbeddingCfg;
 
 /// An embedding table `[vocab, dim]`.
 pub struct Embedding {
-    weight: Var,
+    weight: Param,
     /// `[vocab, 1]`: 1 for every row but the padding row, which gets no gradient.
     trainable_rows: Option<Tensor>,
 }
@@ -36,9 +36,9 @@ impl Embedding {
         })
     }
 
-    /// `[N, …]` ids → `[N, …, dim]`.
-    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        embedding(ids, self.weight.as_tensor(), self.trainable_rows.as_ref())
+    /// `[N, …]` ids → `[N, …, dim]`, recorded for the backward pass when `grad`.
+    pub fn forward(&self, ids: &Tensor, grad: bool) -> Result<Tensor> {
+        embedding(ids, &self.weight.read(grad), self.trainable_rows.as_ref())
     }
 }
 
@@ -98,7 +98,7 @@ mod tests {
         // The padding row 3 keeps its value but gets no gradient.
         let weight = random(&[5, 4], 2);
         let grads = {
-            let w = Var::from_tensor(&weight).unwrap();
+            let w = candle_core::Var::from_tensor(&weight).unwrap();
             let y = embedding(&ids(), w.as_tensor(), Some(&rows)).unwrap();
             y.sum_all()
                 .unwrap()

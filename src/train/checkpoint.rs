@@ -158,6 +158,45 @@ pub fn restore(
     .help("weights load by layer name: use a checkpoint of the same spec and model (and the same --set values)"))
 }
 
+/// Copies the loaded tensors whose name and shape match one of the network's variables into
+/// it, for fine-tuning from another model's weights (a new classifier keeps its fresh
+/// initialisation). Returns the names loaded and the names skipped for another shape; an
+/// error when nothing matches.
+pub fn restore_matching(
+    path: &Path,
+    loaded: &Loaded,
+    vars: &BTreeMap<String, Var>,
+) -> Result<(Vec<String>, Vec<String>), Diag> {
+    let (mut matched, mut skipped) = (Vec::new(), Vec::new());
+    for (name, var) in vars {
+        match loaded.tensors.get(name) {
+            None => {}
+            Some(t) if t.dims() != var.dims() => skipped.push(name.clone()),
+            Some(t) => {
+                t.to_dtype(var.dtype())
+                    .and_then(|t| t.to_device(var.device()))
+                    .and_then(|t| var.set(&t))
+                    .map_err(|e| {
+                        Diag::new(
+                            "dlc::checkpoint",
+                            format!("`{}`: cannot load `{name}`: {e}", path.display()),
+                        )
+                        .help("the file may be damaged; write it again")
+                    })?;
+                matched.push(name.clone());
+            }
+        }
+    }
+    if matched.is_empty() {
+        return Err(Diag::new(
+            "dlc::checkpoint",
+            format!("`{}` has no tensor that fits this model", path.display()),
+        )
+        .help("weights load by layer name and shape: use weights of a model whose layers have the same names"));
+    }
+    Ok((matched, skipped))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +224,29 @@ mod tests {
         let other = BTreeMap::from([("fc.bias".to_string(), var)]);
         let err = restore(&path, &loaded, &other, true).unwrap_err();
         assert!(err.message.contains("missing `fc.bias`"), "{}", err.message);
+        // Fine-tuning: what fits loads, another shape is skipped, nothing fitting is an error.
+        let bias = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let wide =
+            Var::from_tensor(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let fresh =
+            Var::from_tensor(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let head = BTreeMap::from([
+            ("fc.weight".to_string(), fresh.clone()),
+            ("head.bias".to_string(), bias),
+        ]);
+        let (matched, skipped) = restore_matching(&path, &loaded, &head).unwrap();
+        assert_eq!((matched, skipped), (vec!["fc.weight".to_string()], vec![]));
+        assert_eq!(
+            fresh.as_tensor().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+        let other_shape = BTreeMap::from([("fc.weight".to_string(), wide)]);
+        let err = restore_matching(&path, &loaded, &other_shape).unwrap_err();
+        assert!(
+            err.message.contains("no tensor that fits"),
+            "{}",
+            err.message
+        );
         // Truncated file.
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();

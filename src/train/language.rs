@@ -106,7 +106,7 @@ fn evaluate(
         let run = || -> candle_core::Result<(f64, u64)> {
             let x = ids(x, chunk.len(), steps, &device)?;
             let y = ids(y, chunk.len(), steps, &device)?;
-            let logits = net.forward(&[x], false)?.remove(0);
+            let logits = net.infer(&[x])?.remove(0);
             let (loss, c) = loss_and_correct(&logits, &y)?;
             Ok((loss.to_scalar::<f32>()? as f64, c))
         };
@@ -142,7 +142,7 @@ pub fn generate(
     for _ in 0..count {
         let next = (|| -> candle_core::Result<u32> {
             let x = ids(seq.clone(), 1, seq.len(), &device)?;
-            let logits = net.forward(&[x], false)?.remove(0);
+            let logits = net.infer(&[x])?.remove(0);
             logits
                 .get(0)?
                 .get(seq.len() - 1)?
@@ -216,7 +216,8 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let device = Device::Cpu;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
-    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.params);
+    super::init_and_freeze(&mut net, model, opts)?;
+    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let model_path = opts.out.join("model.safetensors");
     let optim_path = opts.out.join("optimizer.safetensors");
     let mut history = Vec::new();
@@ -256,7 +257,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
             }
             let mut grads = loss.backward().map_err(runtime_error)?;
             if let Some(max_norm) = recipe.clip {
-                optim::clip_grad_norm(&mut grads, &net.state.params, max_norm)
+                optim::clip_grad_norm(&mut grads, &net.state.trainable(), max_norm)
                     .map_err(runtime_error)?;
             }
             stepper.step(&grads, lr).map_err(runtime_error)?;

@@ -36,6 +36,50 @@ pub struct RunOptions {
     pub progress: bool,
     /// Identifies the spec, model and overrides; stored in checkpoints and checked on resume.
     pub spec_hash: String,
+    /// Weights to start from (`--init`): those whose names and shapes fit, as
+    /// [`checkpoint::restore_matching`].
+    pub init: Option<PathBuf>,
+    /// Patterns of the parameters to freeze (`--freeze`), as [`crate::lower::State::freeze`].
+    pub freeze: Vec<String>,
+}
+
+/// Prepares a fresh network for fine-tuning: loads the `opts.init` weights that fit, then
+/// freezes the parameters that match each pattern of `opts.freeze` (they keep their values,
+/// get no gradient, and the optimiser leaves them out). A pattern that matches no parameter
+/// is an error.
+pub fn init_and_freeze(net: &mut Network, model: &Model, opts: &RunOptions) -> Result<(), Diag> {
+    if let Some(path) = &opts.init {
+        let loaded = checkpoint::load(path)?;
+        let (matched, skipped) =
+            checkpoint::restore_matching(path, &loaded, &net.state.variables())?;
+        eprintln!(
+            "init: {} tensors from {}{}",
+            matched.len(),
+            path.display(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} of another shape kept fresh: {})",
+                    skipped.len(),
+                    skipped.join(", ")
+                )
+            }
+        );
+    }
+    for pattern in &opts.freeze {
+        if net.state.freeze(pattern) == 0 {
+            let first = net.state.params.keys().next().cloned().unwrap_or_default();
+            return Err(Diag::new(
+                "dlc::freeze",
+                format!("`--freeze {pattern}` matches no parameter of `{}`", model.name),
+            )
+            .help(format!(
+                "parameters are named `<layer>.<kind>` (the first is `{first}`); `*` matches any run of characters, as in `layer1.*`"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A failure inside the lowered network (a bug in dlc once `dlc check` accepted the model).
@@ -140,7 +184,7 @@ pub fn evaluate(
     let mut loss_sum = 0.0;
     for b in Batches::new(data, batch, Order::Sequential, transform)? {
         let (x, y) = tensors(b, &device).map_err(runtime_error)?;
-        let logits = net.forward(&[x], false).map_err(runtime_error)?.remove(0);
+        let logits = net.infer(&[x]).map_err(runtime_error)?.remove(0);
         let loss = candle_nn::loss::cross_entropy(&logits, &y)
             .and_then(|l| l.to_scalar::<f32>())
             .map_err(runtime_error)?;
@@ -208,7 +252,8 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let device = Device::Cpu;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
-    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.params);
+    init_and_freeze(&mut net, model, opts)?;
+    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let mut history: Vec<EpochStats> = Vec::new();
     let model_path = opts.out.join("model.safetensors");
     let optim_path = opts.out.join("optimizer.safetensors");
@@ -249,7 +294,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
             }
             let mut grads = loss.backward().map_err(runtime_error)?;
             if let Some(max_norm) = recipe.clip {
-                optim::clip_grad_norm(&mut grads, &net.state.params, max_norm)
+                optim::clip_grad_norm(&mut grads, &net.state.trainable(), max_norm)
                     .map_err(runtime_error)?;
             }
             stepper.step(&grads, lr).map_err(runtime_error)?;

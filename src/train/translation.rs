@@ -123,7 +123,7 @@ pub fn translate(net: &mut Network, pairs: &Pairs, sentence: &str) -> Result<Str
         let next = (|| -> candle_core::Result<u32> {
             let x = ids(src.clone(), 1, pairs.steps, &device)?;
             let y = ids(out.clone(), 1, out.len(), &device)?;
-            let logits = net.forward(&[x, y], false)?.remove(0);
+            let logits = net.infer(&[x, y])?.remove(0);
             logits
                 .get(0)?
                 .get(out.len() - 1)?
@@ -166,7 +166,7 @@ fn probe(net: &mut Network, pairs: &Pairs) -> Result<(f64, f64, Vec<String>), Di
         let x = ids(src, n, steps, &device)?;
         let dec = ids(decoder_input(&tgt, steps), n, steps, &device)?;
         let y = ids(tgt, n, steps, &device)?;
-        let logits = net.forward(&[x, dec], false)?.remove(0);
+        let logits = net.infer(&[x, dec])?.remove(0);
         let mask = valid_mask(&valid, steps, &device)?;
         let (loss, _) = masked_loss(&logits, &y, &mask)?;
         Ok(loss.to_scalar::<f32>()? as f64)
@@ -210,7 +210,8 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
     let steps = pairs.steps;
     let mut net = Network::new(model, &device, DType::F32, recipe.init, recipe.seed)
         .map_err(runtime_error)?;
-    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.params);
+    super::init_and_freeze(&mut net, model, opts)?;
+    let mut stepper = Stepper::new(recipe.optimizer.clone(), &net.state.trainable());
     let model_path = opts.out.join("model.safetensors");
     let optim_path = opts.out.join("optimizer.safetensors");
     let mut history = Vec::new();
@@ -259,7 +260,7 @@ pub fn train(model: &Model, recipe: &Recipe, opts: &RunOptions) -> Result<Vec<Ep
             }
             let mut grads = loss.backward().map_err(runtime_error)?;
             if let Some(max_norm) = recipe.clip {
-                optim::clip_grad_norm(&mut grads, &net.state.params, max_norm)
+                optim::clip_grad_norm(&mut grads, &net.state.trainable(), max_norm)
                     .map_err(runtime_error)?;
             }
             stepper.step(&grads, lr).map_err(runtime_error)?;
