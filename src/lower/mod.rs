@@ -9,7 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 mod conv_kernel;
-mod kernel;
+pub(crate) mod kernel;
 pub mod layout;
 pub mod linear;
 pub mod norm;
