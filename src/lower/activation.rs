@@ -92,6 +92,26 @@ impl Pointwise {
         }
     }
 
+    /// `f` over `x`. Each arm is its own loop with the activation a constant, so that it
+    /// vectorises (one loop matching on `self` per element does not).
+    fn forward<T: Float>(self, x: &[T]) -> Vec<T> {
+        match self {
+            Pointwise::Relu => map2(x, None, |v, _| Pointwise::Relu.apply(v)),
+            Pointwise::Relu6 => map2(x, None, |v, _| Pointwise::Relu6.apply(v)),
+            Pointwise::Sigmoid => map2(x, None, |v, _| Pointwise::Sigmoid.apply(v)),
+        }
+    }
+
+    /// `dL/dx = dL/dy · f'(x)` from the output `y` (one loop per activation, as in
+    /// [`Self::forward`]).
+    fn backward<T: Float>(self, y: &[T], grad: &[T]) -> Vec<T> {
+        match self {
+            Pointwise::Relu => map2(y, Some(grad), |y, g| g * Pointwise::Relu.derivative(y)),
+            Pointwise::Relu6 => map2(y, Some(grad), |y, g| g * Pointwise::Relu6.derivative(y)),
+            Pointwise::Sigmoid => map2(y, Some(grad), |y, g| g * Pointwise::Sigmoid.derivative(y)),
+        }
+    }
+
     /// The same function from candle's differentiable primitives (other devices and dtypes).
     fn composed(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -146,8 +166,8 @@ impl CustomOp1 for PointwiseOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
         let out = match s.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(map2(elements(s, l)?, None, |v, _| p.apply(v))),
-            DType::F64 => f64::to_cpu_storage_owned(map2(elements(s, l)?, None, |v, _| p.apply(v))),
+            DType::F32 => f32::to_cpu_storage_owned(p.forward(elements(s, l)?)),
+            DType::F64 => f64::to_cpu_storage_owned(p.forward(elements(s, l)?)),
             other => bail!("activation: only f32 and f64 are supported, got {other:?}"),
         };
         Ok((out, l.shape().clone()))
@@ -185,16 +205,12 @@ impl CustomOp2 for PointwiseGrad {
         }
         let p = self.0;
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(map2(
-                elements(s1, l1)?,
-                Some(elements(s2, l2)?),
-                |y, g| g * p.derivative(y),
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(map2(
-                elements(s1, l1)?,
-                Some(elements(s2, l2)?),
-                |y, g| g * p.derivative(y),
-            )),
+            DType::F32 => {
+                f32::to_cpu_storage_owned(p.backward(elements(s1, l1)?, elements(s2, l2)?))
+            }
+            DType::F64 => {
+                f64::to_cpu_storage_owned(p.backward(elements(s1, l1)?, elements(s2, l2)?))
+            }
             other => bail!("activation: only f32 and f64 are supported, got {other:?}"),
         };
         Ok((out, l1.shape().clone()))
