@@ -92,6 +92,26 @@ impl Pointwise {
         }
     }
 
+    /// `f` over `x`. Each arm is its own loop with the activation a constant, so that it
+    /// vectorises (one loop matching on `self` per element does not).
+    fn forward<T: Float>(self, x: &[T]) -> Vec<T> {
+        match self {
+            Pointwise::Relu => map2(x, None, |v, _| Pointwise::Relu.apply(v)),
+            Pointwise::Relu6 => map2(x, None, |v, _| Pointwise::Relu6.apply(v)),
+            Pointwise::Sigmoid => map2(x, None, |v, _| Pointwise::Sigmoid.apply(v)),
+        }
+    }
+
+    /// `dL/dx = dL/dy · f'(x)` from the output `y` (one loop per activation, as in
+    /// [`Self::forward`]).
+    fn backward<T: Float>(self, y: &[T], grad: &[T]) -> Vec<T> {
+        match self {
+            Pointwise::Relu => map2(y, Some(grad), |y, g| g * Pointwise::Relu.derivative(y)),
+            Pointwise::Relu6 => map2(y, Some(grad), |y, g| g * Pointwise::Relu6.derivative(y)),
+            Pointwise::Sigmoid => map2(y, Some(grad), |y, g| g * Pointwise::Sigmoid.derivative(y)),
+        }
+    }
+
     /// The same function from candle's differentiable primitives (other devices and dtypes).
     fn composed(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -146,8 +166,8 @@ impl CustomOp1 for PointwiseOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
         let out = match s.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(map2(elements(s, l)?, None, |v, _| p.apply(v))),
-            DType::F64 => f64::to_cpu_storage_owned(map2(elements(s, l)?, None, |v, _| p.apply(v))),
+            DType::F32 => f32::to_cpu_storage_owned(p.forward(elements(s, l)?)),
+            DType::F64 => f64::to_cpu_storage_owned(p.forward(elements(s, l)?)),
             other => bail!("activation: only f32 and f64 are supported, got {other:?}"),
         };
         Ok((out, l.shape().clone()))
@@ -185,19 +205,93 @@ impl CustomOp2 for PointwiseGrad {
         }
         let p = self.0;
         let out = match s1.dtype() {
+            DType::F32 => {
+                f32::to_cpu_storage_owned(p.backward(elements(s1, l1)?, elements(s2, l2)?))
+            }
+            DType::F64 => {
+                f64::to_cpu_storage_owned(p.backward(elements(s1, l1)?, elements(s2, l2)?))
+            }
+            other => bail!("activation: only f32 and f64 are supported, got {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `relu(x₁ + x₂ + …)`, the end of a residual block, in one pass forward and one backward
+/// (the sum of the last two operands and the ReLU are our own op on the CPU for f32 and f64
+/// operands of one shape; elsewhere candle's ops).
+pub fn add_relu(xs: &[&Tensor]) -> Result<Tensor> {
+    let Some((last, rest)) = xs.split_last() else {
+        bail!("add: no operands");
+    };
+    let Some((first, middle)) = rest.split_first() else {
+        return activate(last, Activation::Relu);
+    };
+    let mut acc = (*first).clone();
+    for t in middle {
+        acc = (acc + *t)?;
+    }
+    let fused = acc.device().is_cpu()
+        && matches!(acc.dtype(), DType::F32 | DType::F64)
+        && acc.dtype() == last.dtype()
+        && acc.dims() == last.dims();
+    if fused {
+        acc.contiguous()?.apply_op2(&last.contiguous()?, AddReluOp)
+    } else {
+        (acc + *last)?.relu()
+    }
+}
+
+/// `relu(u + v)`.
+#[inline(always)]
+fn add_then_relu<T: Float>(u: T, v: T) -> T {
+    Pointwise::Relu.apply(u + v)
+}
+
+/// `y = relu(a + b)`; the gradient of both operands is `dL/dy` where `y > 0` (from the
+/// output, as [`PointwiseGrad`] computes it for ReLU).
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "dlc-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            bail!("add: operands {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = match s1.dtype() {
             DType::F32 => f32::to_cpu_storage_owned(map2(
                 elements(s1, l1)?,
                 Some(elements(s2, l2)?),
-                |y, g| g * p.derivative(y),
+                add_then_relu,
             )),
             DType::F64 => f64::to_cpu_storage_owned(map2(
                 elements(s1, l1)?,
                 Some(elements(s2, l2)?),
-                |y, g| g * p.derivative(y),
+                add_then_relu,
             )),
-            other => bail!("activation: only f32 and f64 are supported, got {other:?}"),
+            other => bail!("add: only f32 and f64 are supported, got {other:?}"),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &PointwiseGrad(Pointwise::Relu))?;
+        Ok((Some(g.clone()), Some(g)))
     }
 }
 
@@ -272,6 +366,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn add_relu_matches_the_composed_ops() {
+        let xs: Vec<Tensor> = (0..3).map(|k| random(&[3, 5, 67, 71], 10 + k)).collect();
+        for dtype in [DType::F64, DType::F32] {
+            let xs: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(dtype).unwrap()).collect();
+            for n in 1..=3 {
+                let run = |fused: bool| {
+                    let vars: Vec<candle_core::Var> = xs[..n]
+                        .iter()
+                        .map(|x| candle_core::Var::from_tensor(x).unwrap())
+                        .collect();
+                    let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+                    let y = if fused {
+                        add_relu(&ts).unwrap()
+                    } else {
+                        let mut acc = ts[0].clone();
+                        for t in &ts[1..] {
+                            acc = (acc + *t).unwrap();
+                        }
+                        acc.relu().unwrap()
+                    };
+                    let r = random(y.dims(), 5).to_dtype(dtype).unwrap();
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads: Vec<Tensor> = ts.iter().map(|t| g.get(t).unwrap().clone()).collect();
+                    (y, grads)
+                };
+                let (y1, g1) = run(true);
+                let (y2, g2) = run(false);
+                assert_eq!(y1.dtype(), dtype);
+                assert_eq!(max_abs_diff(&y1, &y2), 0.0, "{n} operands {dtype:?}");
+                for (a, b) in g1.iter().zip(&g2) {
+                    assert_eq!(max_abs_diff(a, b), 0.0, "{n} operands {dtype:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn add_relu_gradients_match_finite_differences() {
+        let (a, b) = (random(&[2, 3, 4, 5], 20), random(&[2, 3, 4, 5], 21));
+        check_grads(|t| add_relu(&[&t[0], &t[1]]), &[a, b], 1e-6);
     }
 
     #[test]

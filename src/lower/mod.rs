@@ -9,7 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 mod conv_kernel;
-mod kernel;
+pub(crate) mod kernel;
 pub mod layout;
 pub mod linear;
 pub mod norm;
@@ -50,6 +50,8 @@ enum Layer {
     Flatten(usize),
     Reshape(Vec<usize>),
     Add,
+    /// An add whose only reader was a ReLU: `relu(x₁ + x₂ + …)` (see [`fuse_add_relu`]).
+    AddRelu,
     Concat(usize),
     Upsample(spatial::Resize),
     Pad([usize; 4]),
@@ -225,6 +227,7 @@ impl Network {
         }
         let outputs: Vec<usize> = g.outputs.iter().map(|o| o.index()).collect();
         fuse_batch_norm_relu(&mut layers, &inputs, &outputs);
+        fuse_add_relu(&mut layers, &inputs, &outputs);
         let folded_norm = batch_norms_after_convs(&layers, &inputs, &outputs);
         Ok(Network {
             layers,
@@ -324,6 +327,7 @@ impl Network {
                         }
                         acc
                     }
+                    Layer::AddRelu => activation::add_relu(&args)?,
                     Layer::Concat(axis) => Tensor::cat(&args, *axis)?,
                     Layer::Select(axis, at) => layout::select(one()?, *axis, *at)?,
                     Layer::Slice(axis, start, end) => layout::slice(one()?, *axis, *start, *end)?,
@@ -401,31 +405,55 @@ fn batch_norms_after_convs(
 }
 
 /// Fuses each batch norm whose only reader is a ReLU into that ReLU: the batch norm applies it
-/// in its own passes (forward and backward) and the ReLU node passes its input on. A batch
-/// norm that is a model output, or that other nodes read, is left alone.
+/// in its own passes (forward and backward) and the ReLU node passes its input on.
 fn fuse_batch_norm_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
+    for (relu, j) in relus_of_single_reader(layers, inputs, outputs, |l| {
+        matches!(l, Layer::BatchNorm(_))
+    }) {
+        let Layer::BatchNorm(bn) = std::mem::replace(&mut layers[j], Layer::Identity) else {
+            unreachable!("selected above");
+        };
+        layers[j] = Layer::BatchNorm(bn.then_relu());
+        layers[relu] = Layer::Identity;
+    }
+}
+
+/// Fuses each add whose only reader is a ReLU (the end of a residual block) into one
+/// `relu(sum)` op: one pass forward and one backward instead of two each.
+fn fuse_add_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
+    for (relu, j) in relus_of_single_reader(layers, inputs, outputs, |l| matches!(l, Layer::Add)) {
+        layers[j] = Layer::AddRelu;
+        layers[relu] = Layer::Identity;
+    }
+}
+
+/// The pairs `(relu, j)` of a ReLU node and the node `j` it reads, where `producer(j)` holds,
+/// the ReLU is `j`'s only reader, and `j` is not a model output (a node that others read
+/// is left alone).
+fn relus_of_single_reader(
+    layers: &[Layer],
+    inputs: &[Vec<(usize, usize)>],
+    outputs: &[usize],
+    producer: impl Fn(&Layer) -> bool,
+) -> Vec<(usize, usize)> {
     let mut readers = vec![0usize; layers.len()];
     for ins in inputs {
         for (j, _) in ins {
             readers[*j] += 1;
         }
     }
-    for i in 0..layers.len() {
-        let &[(j, 0)] = inputs[i].as_slice() else {
-            continue;
-        };
-        let fusable = matches!(
-            layers[i],
-            Layer::Activation(crate::ops::activation::Activation::Relu)
-        ) && matches!(layers[j], Layer::BatchNorm(_))
-            && readers[j] == 1
-            && !outputs.contains(&j);
-        if fusable {
-            let Layer::BatchNorm(bn) = std::mem::replace(&mut layers[j], Layer::Identity) else {
-                unreachable!("checked above");
+    (0..layers.len())
+        .filter_map(|i| {
+            let &[(j, 0)] = inputs[i].as_slice() else {
+                return None;
             };
-            layers[j] = Layer::BatchNorm(bn.then_relu());
-            layers[i] = Layer::Identity;
-        }
-    }
+            let fusable = matches!(
+                layers[i],
+                Layer::Activation(crate::ops::activation::Activation::Relu)
+            ) && producer(&layers[j])
+                && readers[j] == 1
+                && !outputs.contains(&j);
+            fusable.then_some((i, j))
+        })
+        .collect()
 }

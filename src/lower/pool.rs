@@ -16,9 +16,9 @@
 //!   when `count_pad` (PyTorch's `count_include_pad=True`), else by the number of real elements.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType, bail,
-};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, bail};
 
 use rayon::prelude::*;
 
@@ -34,7 +34,11 @@ pub fn pool2d(x: &Tensor, cfg: &Pool2d) -> Result<Tensor> {
     if !x.device().is_cpu() {
         bail!("{}: only the CPU is supported", cfg.name());
     }
-    x.apply_op1(PoolFwd(cfg.clone()))
+    x.contiguous()?.apply_op1(PoolFwd {
+        cfg: cfg.clone(),
+        keep_argmax: x.track_op(),
+        argmax: Mutex::new(None),
+    })
 }
 
 /// PyTorch's `adaptive_avg_pool2d`: output cell `(i, j)` is the mean of input rows
@@ -151,74 +155,50 @@ impl Geometry {
     }
 }
 
-/// Strided read access to one `[N, C, H, W]` operand, any layout.
-struct Strided<'a, T> {
-    data: &'a [T],
-    offset: usize,
-    stride: [usize; 4],
-    channels: usize,
-}
-
-impl<'a, T: Copy> Strided<'a, T> {
-    fn new(data: &'a [T], layout: &Layout) -> Result<Self> {
-        let (_, channels, _, _) = layout.shape().dims4()?;
-        let s = layout.stride();
-        Ok(Strided {
-            data,
-            offset: layout.start_offset(),
-            stride: [s[0], s[1], s[2], s[3]],
-            channels: channels.max(1),
-        })
-    }
-
-    /// Plane `n·C + c` of the operand.
-    fn plane(&self, plane: usize) -> Plane<'a, T> {
-        let (n, c) = (plane / self.channels, plane % self.channels);
-        Plane {
-            data: self.data,
-            base: self.offset + n * self.stride[0] + c * self.stride[1],
-            sh: self.stride[2],
-            sw: self.stride[3],
-        }
-    }
-}
-
-/// One `[H, W]` plane of a [`Strided`] operand.
-struct Plane<'a, T> {
-    data: &'a [T],
-    base: usize,
-    sh: usize,
-    sw: usize,
-}
-
-impl<T: Copy> Plane<'_, T> {
-    #[inline]
-    fn at(&self, h: usize, w: usize) -> T {
-        self.data[self.base + h * self.sh + w * self.sw]
+/// The contiguous elements of an operand.
+fn elements<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
+        None => bail!("pool2d: operand is not contiguous"),
     }
 }
 
 /// Below this many window reads a call runs on one thread.
 const PARALLEL_WORK: usize = 1 << 18;
 
-/// Fills `out`, a contiguous run of planes of `plane` elements each, with `f(plane_index,
-/// plane_slice)`; in parallel on rayon's pool (the threads of candle's and our other kernels,
-/// `RAYON_NUM_THREADS`) when `work` is large.
+/// Runs `f(plane_index, out_plane, index_plane)` on every plane of `out` (`plane` elements
+/// each) and, when given, of `index` (the same number of elements); in parallel on rayon's
+/// pool (the threads of candle's and our other kernels, `RAYON_NUM_THREADS`) when `work` is
+/// large.
 fn for_each_plane<T: Send>(
     out: &mut [T],
+    index: Option<&mut [u32]>,
     plane: usize,
     work: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
+    f: impl Fn(usize, &mut [T], Option<&mut [u32]>) + Sync,
 ) {
     if plane == 0 || out.is_empty() {
         return;
     }
-    if work < PARALLEL_WORK {
-        out.chunks_mut(plane).enumerate().for_each(|(i, o)| f(i, o));
-    } else {
-        out.par_chunks_mut(plane)
+    match (index, work < PARALLEL_WORK) {
+        (None, true) => out
+            .chunks_mut(plane)
             .enumerate()
-            .for_each(|(i, o)| f(i, o));
+            .for_each(|(i, o)| f(i, o, None)),
+        (None, false) => out
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o, None)),
+        (Some(ix), true) => out
+            .chunks_mut(plane)
+            .zip(ix.chunks_mut(plane))
+            .enumerate()
+            .for_each(|(i, (o, ix))| f(i, o, Some(ix))),
+        (Some(ix), false) => out
+            .par_chunks_mut(plane)
+            .zip(ix.par_chunks_mut(plane))
+            .enumerate()
+            .for_each(|(i, (o, ix))| f(i, o, Some(ix))),
     }
 }
 
@@ -228,98 +208,124 @@ fn is_nan<T: PartialOrd>(v: T) -> bool {
     v.partial_cmp(&v).is_none()
 }
 
-/// The position `(h, w)` and value of the first maximum of a window, PyTorch's rule: a later
-/// element wins only if strictly greater, or NaN. `None` for an empty window.
-#[inline]
-fn argmax<T: WithDType>(x: &Plane<'_, T>, r: &Span, c: &Span) -> Option<((usize, usize), T)> {
+/// Marks a window without input elements in the saved argmax.
+const NO_INPUT: u32 = u32::MAX;
+
+/// The position (`h · W + w` in the plane) and value of the first maximum of a window of the
+/// row-major plane `x` of width `w`, PyTorch's rule: a later element wins only if strictly
+/// greater, or NaN. `None` for an empty window.
+#[inline(always)]
+fn argmax<T: WithDType>(x: &[T], w: usize, r: &Span, c: &Span) -> Option<(usize, T)> {
     if r.lo == r.hi || c.lo == c.hi {
         return None;
     }
-    let mut best = ((r.lo, c.lo), x.at(r.lo, c.lo));
+    let mut best = (r.lo * w + c.lo, x[r.lo * w + c.lo]);
     for h in r.lo..r.hi {
-        for w in c.lo..c.hi {
-            let v = x.at(h, w);
+        let row = &x[h * w + c.lo..h * w + c.hi];
+        for (k, &v) in row.iter().enumerate() {
             if v > best.1 || is_nan(v) {
-                best = ((h, w), v);
+                best = (h * w + c.lo + k, v);
             }
         }
     }
     Some(best)
 }
 
-fn forward<T: WithDType>(x: &[T], layout: &Layout, g: &Geometry) -> Result<Vec<T>> {
-    let (n, c, _, _) = layout.shape().dims4()?;
-    let x = Strided::new(x, layout)?;
+/// The pooled output of the contiguous `x: [n, c, h, w]` and, for max pooling with
+/// `keep_argmax`, the position of each output's maximum in its plane ([`NO_INPUT`] for an
+/// empty window), for the backward pass.
+fn forward<T: WithDType>(
+    x: &[T],
+    (n, c, h, w): (usize, usize, usize, usize),
+    g: &Geometry,
+    keep_argmax: bool,
+) -> (Vec<T>, Option<Vec<u32>>) {
     let (oh, ow) = g.out_hw();
     let mut out = vec![T::zero(); n * c * oh * ow];
-    for_each_plane(&mut out, oh * ow, g.work(n * c), |plane, o| {
-        let x = x.plane(plane);
-        for (i, r) in g.rows.iter().enumerate() {
-            for (j, cs) in g.cols.iter().enumerate() {
-                o[i * ow + j] = if g.max {
-                    argmax(&x, r, cs).map_or(T::from_f64(f64::NEG_INFINITY), |m| m.1)
-                } else {
-                    let mut sum = T::zero();
-                    for h in r.lo..r.hi {
-                        for w in cs.lo..cs.hi {
-                            sum += x.at(h, w);
+    let mut index = (g.max && keep_argmax).then(|| vec![NO_INPUT; out.len()]);
+    for_each_plane(
+        &mut out,
+        index.as_deref_mut(),
+        oh * ow,
+        g.work(n * c),
+        |plane, o, mut ix| {
+            let x = &x[plane * h * w..][..h * w];
+            if g.max {
+                for (i, r) in g.rows.iter().enumerate() {
+                    for (j, cs) in g.cols.iter().enumerate() {
+                        let m = argmax(x, w, r, cs);
+                        o[i * ow + j] = m.map_or(T::from_f64(f64::NEG_INFINITY), |m| m.1);
+                        if let (Some(ix), Some((at, _))) = (ix.as_deref_mut(), m) {
+                            ix[i * ow + j] = at as u32;
                         }
                     }
-                    match g.divisor(r, cs) {
-                        0 => T::zero(),
-                        d => sum / T::from_f64(d as f64),
-                    }
-                };
+                }
+                return;
             }
-        }
-    });
-    Ok(out)
+            for (i, r) in g.rows.iter().enumerate() {
+                let o = &mut o[i * ow..][..ow];
+                for hh in r.lo..r.hi {
+                    let row = &x[hh * w..][..w];
+                    for (o, cs) in o.iter_mut().zip(&g.cols) {
+                        *o += row[cs.lo..cs.hi].iter().fold(T::zero(), |a, &v| a + v);
+                    }
+                }
+                for (o, cs) in o.iter_mut().zip(&g.cols) {
+                    *o = match g.divisor(r, cs) {
+                        0 => T::zero(),
+                        d => *o / T::from_f64(d as f64),
+                    };
+                }
+            }
+        },
+    );
+    (out, index)
 }
 
+/// The input gradient `[n, c, h, w]` of average pooling, or of max pooling from the argmax
+/// its forward pass saved, given the contiguous output gradient `grad: [n, c, oh, ow]`.
 fn backward<T: WithDType>(
-    x: &[T],
-    x_layout: &Layout,
     grad: &[T],
-    grad_layout: &Layout,
+    (n, c, h, w): (usize, usize, usize, usize),
+    argmax: Option<&[u32]>,
     g: &Geometry,
-) -> Result<Vec<T>> {
-    let (n, c, h, w) = x_layout.shape().dims4()?;
+) -> Vec<T> {
     let (oh, ow) = g.out_hw();
-    if grad_layout.dims() != [n, c, oh, ow] {
-        bail!(
-            "pool2d backward: gradient shape {:?}, expected {:?}",
-            grad_layout.dims(),
-            [n, c, oh, ow]
-        );
-    }
-    let x = Strided::new(x, x_layout)?;
-    let grad = Strided::new(grad, grad_layout)?;
     let mut out = vec![T::zero(); n * c * h * w];
-    for_each_plane(&mut out, h * w, g.work(n * c), |plane, gi| {
-        let (x, grad) = (x.plane(plane), grad.plane(plane));
+    for_each_plane(&mut out, None, h * w, g.work(n * c), |plane, gi, _| {
+        let go = &grad[plane * oh * ow..][..oh * ow];
+        if let Some(argmax) = argmax {
+            let ix = &argmax[plane * oh * ow..][..oh * ow];
+            for (&at, &d) in ix.iter().zip(go) {
+                if at != NO_INPUT {
+                    gi[at as usize] += d;
+                }
+            }
+            return;
+        }
         for (i, r) in g.rows.iter().enumerate() {
-            for (j, cs) in g.cols.iter().enumerate() {
-                let go = grad.at(i, j);
-                if g.max {
-                    if let Some(((mh, mw), _)) = argmax(&x, r, cs) {
-                        gi[mh * w + mw] += go;
-                    }
-                } else if let d @ 1.. = g.divisor(r, cs) {
-                    let share = go / T::from_f64(d as f64);
-                    for hh in r.lo..r.hi {
-                        for ww in cs.lo..cs.hi {
-                            gi[hh * w + ww] += share;
-                        }
+            let go = &go[i * ow..][..ow];
+            for hh in r.lo..r.hi {
+                let row = &mut gi[hh * w..][..w];
+                for (&d, cs) in go.iter().zip(&g.cols) {
+                    if let k @ 1.. = g.divisor(r, cs) {
+                        let share = d / T::from_f64(k as f64);
+                        row[cs.lo..cs.hi].iter_mut().for_each(|v| *v += share);
                     }
                 }
             }
         }
     });
-    Ok(out)
+    out
 }
 
-/// The forward op; its backward is [`PoolGrad`].
-struct PoolFwd(Pool2d);
+/// The forward op; its backward is [`PoolGrad`]. Max pooling keeps the argmax of every window
+/// (when the input is tracked), so that its backward is a scatter.
+struct PoolFwd {
+    cfg: Pool2d,
+    keep_argmax: bool,
+    argmax: Mutex<Option<Arc<Vec<u32>>>>,
+}
 
 impl CustomOp1 for PoolFwd {
     fn name(&self) -> &'static str {
@@ -327,56 +333,86 @@ impl CustomOp1 for PoolFwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l.shape().dims4()?;
-        let g = Geometry::new(&self.0, h, w)?;
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(forward(x, l, &g)?),
-            CpuStorage::F64(x) => CpuStorage::F64(forward(x, l, &g)?),
-            _ => bail!("{}: only f32 and f64 are supported", self.0.name()),
+        let dims = l.shape().dims4()?;
+        let (n, c, h, w) = dims;
+        let g = Geometry::new(&self.cfg, h, w)?;
+        let (out, argmax) = match s {
+            CpuStorage::F32(_) => {
+                let (y, ix) = forward::<f32>(elements(s, l)?, dims, &g, self.keep_argmax);
+                (CpuStorage::F32(y), ix)
+            }
+            CpuStorage::F64(_) => {
+                let (y, ix) = forward::<f64>(elements(s, l)?, dims, &g, self.keep_argmax);
+                (CpuStorage::F64(y), ix)
+            }
+            _ => bail!("{}: only f32 and f64 are supported", self.cfg.name()),
         };
+        *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = argmax.map(Arc::new);
         let (oh, ow) = g.out_hw();
         Ok((out, Shape::from((n, c, oh, ow))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(grad_res, &PoolGrad(self.0.clone()))?,
-        ))
+        let argmax = self
+            .argmax
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if self.cfg.kind == PoolKind::Max && argmax.is_none() {
+            bail!(
+                "{} backward: the forward pass kept no argmax",
+                self.cfg.name()
+            );
+        }
+        let op = PoolGrad {
+            cfg: self.cfg.clone(),
+            input: arg.dims4()?,
+            argmax,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
-/// `(x, dL/dy) -> dL/dx` for [`PoolFwd`] (not itself differentiable).
-struct PoolGrad(Pool2d);
+/// `dL/dy -> dL/dx` for [`PoolFwd`] (not itself differentiable): `input` is the forward
+/// input's dims, `argmax` the maxima the forward pass kept (max pooling).
+struct PoolGrad {
+    cfg: Pool2d,
+    input: (usize, usize, usize, usize),
+    argmax: Option<Arc<Vec<u32>>>,
+}
 
-impl CustomOp2 for PoolGrad {
+impl CustomOp1 for PoolGrad {
     fn name(&self) -> &'static str {
         "dlc-pool2d-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, h, w) = l1.shape().dims4()?;
-        let g = Geometry::new(&self.0, h, w)?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(d)) => {
-                CpuStorage::F32(backward(x, l1, d, l2, &g)?)
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = self.input;
+        let g = Geometry::new(&self.cfg, h, w)?;
+        let (oh, ow) = g.out_hw();
+        if l.dims() != [n, c, oh, ow] {
+            bail!(
+                "{} backward: gradient shape {:?}, expected {:?}",
+                self.cfg.name(),
+                l.dims(),
+                [n, c, oh, ow]
+            );
+        }
+        let argmax = self.argmax.as_deref().map(Vec::as_slice);
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(backward::<f32>(elements(s, l)?, self.input, argmax, &g))
             }
-            (CpuStorage::F64(x), CpuStorage::F64(d)) => {
-                CpuStorage::F64(backward(x, l1, d, l2, &g)?)
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(backward::<f64>(elements(s, l)?, self.input, argmax, &g))
             }
             _ => bail!(
-                "{} backward: only f32 and f64 of one dtype are supported, got {:?} and {:?}",
-                self.0.name(),
-                s1.dtype(),
-                s2.dtype()
+                "{} backward: only f32 and f64 are supported, got {:?}",
+                self.cfg.name(),
+                s.dtype()
             ),
         };
-        Ok((out, l1.shape().clone()))
+        Ok((out, Shape::from(self.input)))
     }
 }
 
@@ -623,6 +659,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn avg_gradient_matches_candle_where_it_is_right() {
+        // Candle's average-pooling backward is right for k = s dividing the input.
+        for dtype in [DType::F32, DType::F64] {
+            let x = random(&[2, 3, 8, 12], 6).to_dtype(dtype).unwrap();
+            let r = random(&[2, 3, 4, 6], 7).to_dtype(dtype).unwrap();
+            let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
+                let v = candle_core::Var::from_tensor(&x).unwrap();
+                let g = (f(v.as_tensor()) * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                g.get(v.as_tensor()).unwrap().clone()
+            };
+            let ours = grad(&|t| pool(t, &avg(2, 2, 0, false, true)).unwrap());
+            let theirs = grad(&|t| t.avg_pool2d(2).unwrap());
+            assert!(max_abs_diff(&ours, &theirs) < 1e-6, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn untracked_input_pools_without_keeping_the_argmax() {
+        let x = random_distinct(&[1, 2, 6, 6], 8);
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        let a = pool(&x, &max(3, 2, 1, false)).unwrap();
+        let b = pool(tracked.as_tensor(), &max(3, 2, 1, false)).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
     }
 
     #[test]
