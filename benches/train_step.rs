@@ -24,7 +24,11 @@
 //! Peak memory: before each timed turn of a column the process's resident high-water mark is
 //! reset (`train_step/memory.rs`; PyTorch's child does the same for itself); the column's peak
 //! is the highest mark over its turns, in MiB. The dlc and candle-nn columns share this
-//! process, so each one's figure includes both columns' models; the table also prints each
+//! process: each one's figure includes both columns' models, and pages that one column freed
+//! but the allocator (mimalloc) still holds in a worker thread's heap count for the other, so
+//! with both columns each peak is about the larger of the two; the same holds for rows run one
+//! after the other. For a column's own peak, run one row and one Rust column per process
+//! (`lenet --only dlc,torch`, then `lenet --only candle`). The table also prints each
 //! process's resident size before the first step.
 //!
 //! Columns:

@@ -22,7 +22,8 @@ pub fn print(rows: &[Row], o: &Opts, torch_version: Option<&str>, end_load: &str
          a training step is forward, cross-entropy, backward and an SGD update on a fixed batch, \
          an inference step a forward pass in evaluation mode without gradients. MiB: the \
          process's peak resident memory while the column ran; dlc and candle-nn share one \
-         process, which holds both columns' models{}.",
+         process, which holds both columns' models and the pages either freed (for a column's \
+         own peak run one row and one Rust column per process){}.",
         steps_phrase(rows),
         o.warmup,
         if o.warmup == 1 { "" } else { "s" },

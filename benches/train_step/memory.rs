@@ -1,7 +1,8 @@
 //! Peak resident memory of this process (Linux): the kernel's high-water mark `VmHWM`, reset
 //! before each column's turn by writing `5` to `/proc/self/clear_refs`, so that the figure is
 //! the peak while that column ran. Freed heap memory is handed back to the system first
-//! (`malloc_trim`, glibc), so that one column's freed buffers do not count as the next one's.
+//! (mimalloc's `mi_collect`, the bench's allocator as it is the `dlc` binary's), so that one
+//! column's freed buffers do not count as the next one's.
 //! `benches/train_step_torch.py` does the same inside the PyTorch process.
 
 /// Hands freed heap memory back to the system, then resets the high-water mark to the
@@ -30,16 +31,26 @@ fn status_kib(field: &str) -> Option<u64> {
     line[field.len()..].split_whitespace().next()?.parse().ok()
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Returns mimalloc's free pages to the system now, from every thread's heap: purging without
+/// delay while it collects, then its usual delay again (which keeps freed pages for reuse
+/// while a column runs).
 fn trim_heap() {
     unsafe extern "C" {
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+        fn mi_collect(force: bool);
     }
-    // SAFETY: glibc's malloc_trim only releases free memory; it has no preconditions.
+    /// `mi_option_purge_delay` in mimalloc's `mi_option_t`.
+    const PURGE_DELAY: std::ffi::c_int = 15;
+    // SAFETY: mimalloc's documented API, linked in by the `mimalloc` crate; reading and setting
+    // an option and collecting free memory have no preconditions.
     unsafe {
-        malloc_trim(0);
+        let delay = mi_option_get(PURGE_DELAY);
+        mi_option_set(PURGE_DELAY, 0);
+        // Every thread's heap holds its own free pages: collect on each worker of rayon's
+        // pool (where the kernels allocate), then on this thread.
+        rayon::broadcast(|_| mi_collect(true));
+        mi_collect(true);
+        mi_option_set(PURGE_DELAY, delay);
     }
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
