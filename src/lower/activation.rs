@@ -11,7 +11,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::kernel::{Float, vectorized};
+use super::kernel::{Float, elements, vectorized};
 use crate::ops::activation::Activation;
 
 /// Applies an activation; every one has a correct backward (checked below).
@@ -144,15 +144,6 @@ fn map2<T: Float>(a: &[T], b: Option<&[T]>, f: impl Fn(T, T) -> T + Sync) -> Vec
             )
         });
     out
-}
-
-/// The contiguous elements of an operand.
-fn elements<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("activation: operand is not contiguous"),
-    }
 }
 
 /// `y = f(x)`; its backward is [`PointwiseGrad`].
@@ -303,7 +294,7 @@ pub fn softmax(x: &Tensor, axis: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lower::gradcheck::{check_grads, random};
+    use crate::lower::gradcheck::{check_grads, max_abs_diff, random};
 
     #[test]
     fn gradients_match_finite_differences() {
@@ -331,18 +322,6 @@ mod tests {
         let r = random(y.dims(), 5).to_dtype(y.dtype()).unwrap();
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         (y, g.get(v.as_tensor()).unwrap().clone())
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

@@ -569,12 +569,7 @@ impl CustomOp2 for ConvTransposeOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(
-            "conv_transpose",
-            s1.dtype(),
-            input_grad(&self.0, (s1, l1), (s2, l2))
-        );
-        Ok((out, Shape::from(dims(&self.0).0.to_vec())))
+        InputGrad(self.0).cpu_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -603,7 +598,7 @@ impl CustomOp2 for ConvTransposeOp {
 mod tests {
     use super::*;
     use crate::ir::{Dim, Shape as IrShape};
-    use crate::lower::gradcheck::{check_grads, random};
+    use crate::lower::gradcheck::{check_grads, max_abs_diff, random};
 
     /// A config: `out` channels, kernel, stride, pad, dilation (each `(H, W)`), groups.
     fn cfg(
@@ -714,19 +709,6 @@ mod tests {
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |t: &Tensor| g.get(t).cloned();
         (y, [grad(&x), grad(&w), grad(&b)])
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Asserts two runs agree to `tol` in the output and in every gradient.
@@ -985,15 +967,7 @@ mod tests {
         let ours = run(&|x, w| conv_transpose2d(x, w, None, &c));
         let candle = run(&|x, w| x.conv_transpose2d(w, 4, 0, 8, 1));
         for (k, (a, b)) in ours.iter().zip(&candle).enumerate() {
-            assert_eq!(a.dims(), b.dims());
-            let err = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(a, b);
             assert!(err < 1e-3, "output/dx/dw {k} differs by {err}");
         }
     }

@@ -50,6 +50,20 @@ pub(crate) fn random(dims: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).expect("random")
 }
 
+/// The largest absolute elementwise difference of two tensors of the same dims (any float
+/// dtype, compared in f64).
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "compared tensors differ in shape");
+    let d = (a.to_dtype(candle_core::DType::F64).expect("f64")
+        - b.to_dtype(candle_core::DType::F64).expect("f64"))
+    .expect("difference");
+    d.abs()
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar())
+        .expect("maximum")
+}
+
 /// An f64 CPU tensor whose elements are a random permutation of evenly spaced values in
 /// `[-1, 1]`: no two are closer than `2 / len`, so max/argmax-like ops have no ties (and no near
 /// ties) that would make finite differences ambiguous.

@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::WithDType;
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 
 /// Element types of the kernels (f32 and f64), each with a scratch buffer per thread.
 pub(crate) trait Float: WithDType {
@@ -112,6 +112,16 @@ pub(crate) fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
+}
+
+/// The contiguous elements of a custom op's operand (our ops make their operands contiguous
+/// before they apply, so anything else is a bug, reported as an error).
+pub(crate) fn elements<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("kernel operand is not contiguous ({:?})", l.dims()),
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 
-use super::kernel::Float;
+use super::kernel::{Float, elements};
 use super::norm_kernel::{self, Extent};
 
 use super::params::{Param, State};
@@ -191,15 +191,6 @@ struct BatchStats {
     var: Vec<f64>,
     /// `1 / √(var + eps)`.
     inv_std: Vec<f64>,
-}
-
-/// The contiguous elements of one operand as `T`.
-fn elements<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("batchnorm: operand is not contiguous"),
-    }
 }
 
 /// Runs the method `$op.$f::<T>(..)` (returning `Result<Vec<T>>`) for f32 or f64 into a
@@ -673,7 +664,7 @@ pub fn lrn(x: &Tensor, cfg: &Lrn) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lower::gradcheck::{check_grads, random};
+    use crate::lower::gradcheck::{check_grads, max_abs_diff, random};
     use candle_core::DType;
 
     #[test]
@@ -714,19 +705,6 @@ mod tests {
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |k: usize| g.get(&t[k]).cloned();
         (vec![y, mean, var], [grad(0), grad(1), grad(2)])
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDTyp
 
 use rayon::prelude::*;
 
+use super::kernel::elements;
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
 
@@ -152,14 +153,6 @@ impl Geometry {
         let kh = self.rows.first().map_or(0, |r| r.padded_len);
         let kw = self.cols.first().map_or(0, |c| c.padded_len);
         planes * self.rows.len() * self.cols.len() * kh * kw
-    }
-}
-
-/// The contiguous elements of an operand.
-fn elements<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
-        None => bail!("pool2d: operand is not contiguous"),
     }
 }
 
@@ -420,7 +413,7 @@ impl CustomOp1 for PoolGrad {
 mod tests {
     use super::*;
     use crate::ir::{Dim, Shape as IrShape};
-    use crate::lower::gradcheck::{check_grads, random, random_distinct};
+    use crate::lower::gradcheck::{check_grads, max_abs_diff, random, random_distinct};
     use crate::ops::pool::AdaptiveAvgPool;
     use candle_core::{DType, Device, IndexOp};
 
@@ -497,19 +490,6 @@ mod tests {
                 assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
             }
         }
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     // ---- forward values, hand-checked ----

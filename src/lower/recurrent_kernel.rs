@@ -43,7 +43,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv_kernel::matmul;
-use super::kernel::{Float, vectorized};
+use super::kernel::{Float, elements, vectorized};
 use crate::ops::sequence::Cell;
 
 /// Runs one layer in one direction over `steps` steps: `x [N·T, I]` the input (rows
@@ -220,15 +220,6 @@ fn blocks<T>(buf: &mut [T], len: usize, count: usize) -> Vec<&mut [T]> {
         (0..count).map(|_| <&mut [T]>::default()).collect()
     } else {
         buf.chunks_mut(len).collect()
-    }
-}
-
-/// The contiguous elements of an operand.
-fn elements<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("recurrence: operand is not contiguous"),
     }
 }
 

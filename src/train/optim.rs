@@ -9,7 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var, bail};
 use rayon::prelude::*;
 
-use crate::lower::kernel::{Float, vectorized};
+use crate::lower::kernel::{Float, elements, vectorized};
 
 /// An optimiser and its hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -227,14 +227,6 @@ fn sgd_in_place(
     Ok(true)
 }
 
-/// The contiguous elements of one operand of an in-place update.
-fn operand<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => bail!("sgd: operand is not contiguous"),
-    }
-}
-
 /// The contiguous elements `l` selects of the updated tensor's data.
 fn target<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
     match l.contiguous_offsets() {
@@ -298,8 +290,8 @@ impl InplaceOp2 for SgdStep {
         l2: &Layout,
     ) -> Result<()> {
         match s1 {
-            CpuStorage::F32(p) => self.run(target(p, l1)?, operand(s2, l2)?, None),
-            CpuStorage::F64(p) => self.run(target(p, l1)?, operand(s2, l2)?, None),
+            CpuStorage::F32(p) => self.run(target(p, l1)?, elements(s2, l2)?, None),
+            CpuStorage::F64(p) => self.run(target(p, l1)?, elements(s2, l2)?, None),
             other => bail!("sgd: unsupported dtype {:?}", other.dtype()),
         }
         Ok(())
@@ -322,10 +314,10 @@ impl InplaceOp3 for SgdStep {
     ) -> Result<()> {
         match s1 {
             CpuStorage::F32(p) => {
-                self.run(target(p, l1)?, operand(s2, l2)?, Some(operand(s3, l3)?))
+                self.run(target(p, l1)?, elements(s2, l2)?, Some(elements(s3, l3)?))
             }
             CpuStorage::F64(p) => {
-                self.run(target(p, l1)?, operand(s2, l2)?, Some(operand(s3, l3)?))
+                self.run(target(p, l1)?, elements(s2, l2)?, Some(elements(s3, l3)?))
             }
             other => bail!("sgd: unsupported dtype {:?}", other.dtype()),
         }
@@ -361,8 +353,8 @@ impl InplaceOp3 for MomentumStep {
         l3: &Layout,
     ) -> Result<()> {
         match s1 {
-            CpuStorage::F32(b) => self.run(target(b, l1)?, operand(s2, l2)?, operand(s3, l3)?),
-            CpuStorage::F64(b) => self.run(target(b, l1)?, operand(s2, l2)?, operand(s3, l3)?),
+            CpuStorage::F32(b) => self.run(target(b, l1)?, elements(s2, l2)?, elements(s3, l3)?),
+            CpuStorage::F64(b) => self.run(target(b, l1)?, elements(s2, l2)?, elements(s3, l3)?),
             other => bail!("sgd: unsupported dtype {:?}", other.dtype()),
         }
         Ok(())
