@@ -1237,6 +1237,7 @@ const COLUMNS: [(&str, &str); 3] = [
 ];
 
 fn main() -> Result<()> {
+    memory::keep_freed_pages();
     let o = parse_opts();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -1262,6 +1263,8 @@ fn main() -> Result<()> {
         let rounds = o.rounds.unwrap_or(5).clamp(1, steps);
         let (x, y) = batch(net)?;
         let mut not_built: HashMap<&'static str, String> = HashMap::new();
+        // The pages the rows before kept are not this row's.
+        memory::release_freed_pages();
 
         // Build every column and check that they train the same number of parameters.
         let mut params: Option<(&str, usize)> = None;

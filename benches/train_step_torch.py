@@ -12,7 +12,7 @@ Prints one JSON object on the last line of stdout:
 
 or {"error": "..."} when torch cannot be imported. `peak_mib` is this process's resident
 high-water mark (VmHWM, Linux) during those steps, reset before them as the Rust side does
-(freed heap handed back with malloc_trim, then "5" written to /proc/self/clear_refs); null
+("5" written to /proc/self/clear_refs, freed heap kept, as in a training loop); null
 where the kernel does not allow it. `resident_mib` is the resident size once the model is
 built, before any step. With --serve (what the bench uses, so that its rounds interleave the
 three columns) it warms up, prints a {"ready": true, ...} line, then answers every stdin line "N" with the JSON of N more timed steps, until stdin closes.
@@ -147,8 +147,10 @@ def resident_mib():
 
 
 def reset_peak():
-    """Resets the resident high-water mark; False where the kernel does not allow it."""
-    trim_heap()
+    """Resets the resident high-water mark; False where the kernel does not allow it.
+
+    Freed heap memory is not handed back first, as on the Rust side: that would make the
+    first step after it fault its buffers in again, which a training loop never does."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

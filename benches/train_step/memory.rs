@@ -1,15 +1,17 @@
 //! Peak resident memory of this process (Linux): the kernel's high-water mark `VmHWM`, reset
 //! before each column's turn by writing `5` to `/proc/self/clear_refs`, so that the figure is
-//! the peak while that column ran. Freed heap memory is handed back to the system first
-//! (mimalloc's `mi_collect`, the bench's allocator as it is the `dlc` binary's), so that one
-//! column's freed buffers do not count as the next one's.
-//! `benches/train_step_torch.py` does the same inside the PyTorch process.
+//! the peak while that column ran. Freed heap memory is not handed back to the system there:
+//! that would make the first step of every turn fault in and zero its buffers again, a cost
+//! a training loop never pays. Pages a column keeps after its first turn therefore count
+//! toward its peak (they are its own when one Rust column runs per process), as do pages
+//! another column in the same process freed; the pages of earlier rows are handed back at
+//! the start of each row ([`release_freed_pages`]). The allocator is configured as in the `dlc`
+//! binary ([`keep_freed_pages`]). `benches/train_step_torch.py` does the same inside the
+//! PyTorch process.
 
-/// Hands freed heap memory back to the system, then resets the high-water mark to the
-/// current resident size. `false` where the kernel does not allow it (not Linux, or an old
+/// Resets the high-water mark to the current resident size. `false` where the kernel does not allow it (not Linux, or an old
 /// kernel): peaks are then left out.
 pub fn reset_peak() -> bool {
-    trim_heap();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -20,7 +22,7 @@ pub fn peak_mib() -> Option<f64> {
 
 /// The resident size now, in MiB (after handing freed heap memory back).
 pub fn resident_mib() -> Option<f64> {
-    trim_heap();
+    release_freed_pages();
     status_kib("VmRSS:").map(|k| k as f64 / 1024.0)
 }
 
@@ -31,17 +33,26 @@ fn status_kib(field: &str) -> Option<u64> {
     line[field.len()..].split_whitespace().next()?.parse().ok()
 }
 
+/// mimalloc never hands freed pages back to the system by itself, as in the `dlc` binary
+/// (`src/main.rs`): each training step reuses the previous step's pages.
+pub fn keep_freed_pages() {
+    // SAFETY: see `release_freed_pages`.
+    unsafe { mi_option_set(PURGE_DELAY, -1) };
+}
+
+unsafe extern "C" {
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    fn mi_collect(force: bool);
+}
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_t`; -1 means never.
+const PURGE_DELAY: std::ffi::c_int = 15;
+
 /// Returns mimalloc's free pages to the system now, from every thread's heap: purging without
 /// delay while it collects, then its usual delay again (which keeps freed pages for reuse
 /// while a column runs).
-fn trim_heap() {
-    unsafe extern "C" {
-        fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-        fn mi_collect(force: bool);
-    }
-    /// `mi_option_purge_delay` in mimalloc's `mi_option_t`.
-    const PURGE_DELAY: std::ffi::c_int = 15;
+pub fn release_freed_pages() {
     // SAFETY: mimalloc's documented API, linked in by the `mimalloc` crate; reading and setting
     // an option and collecting free memory have no preconditions.
     unsafe {
