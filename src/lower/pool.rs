@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDTyp
 
 use rayon::prelude::*;
 
-use super::kernel::elements;
+use super::kernel::{elements, vectorized};
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
 
@@ -97,6 +97,10 @@ struct Geometry {
     count_pad: bool,
     rows: Vec<Span>,
     cols: Vec<Span>,
+    /// Window, stride and padding along W.
+    kw: usize,
+    sw: usize,
+    pw: usize,
 }
 
 impl Geometry {
@@ -132,6 +136,9 @@ impl Geometry {
             count_pad: cfg.count_pad,
             rows: spans(h, cfg.kernel.0, cfg.stride.0, cfg.pad.0)?,
             cols: spans(w, cfg.kernel.1, cfg.stride.1, cfg.pad.1)?,
+            kw: cfg.kernel.1 as usize,
+            sw: cfg.stride.1 as usize,
+            pw: cfg.pad.1 as usize,
         })
     }
 
@@ -204,24 +211,65 @@ fn is_nan<T: PartialOrd>(v: T) -> bool {
 /// Marks a window without input elements in the saved argmax.
 const NO_INPUT: u32 = u32::MAX;
 
-/// The position (`h · W + w` in the plane) and value of the first maximum of a window of the
-/// row-major plane `x` of width `w`, PyTorch's rule: a later element wins only if strictly
-/// greater, or NaN. `None` for an empty window.
+/// One output row of max pooling, over the input rows `r` of the row-major plane `x` of
+/// width `w`: the first maximum of each window, PyTorch's rule: a later element wins only if
+/// strictly greater, or NaN; −∞ for an empty window. `at` gets each maximum's position
+/// (`h · W + w` in the plane; the window's first element when all are −∞, [`NO_INPUT`] for
+/// an empty window).
+///
+/// Each input row is split by the stride into phase rows padded with −∞ (`phases`, scratch),
+/// in which window column `dk` of every output is one contiguous run: the windows are then
+/// updated tap by tap, in window order, with vector compares and selects.
 #[inline(always)]
-fn argmax<T: WithDType>(x: &[T], w: usize, r: &Span, c: &Span) -> Option<(usize, T)> {
-    if r.lo == r.hi || c.lo == c.hi {
-        return None;
+fn max_row<T: WithDType>(
+    x: &[T],
+    w: usize,
+    r: &Span,
+    g: &Geometry,
+    out: &mut [T],
+    at: &mut [u32],
+    phases: &mut Vec<T>,
+) {
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    for ((o, a), c) in out.iter_mut().zip(at.iter_mut()).zip(&g.cols) {
+        *o = neg_inf;
+        *a = if r.lo == r.hi || c.lo == c.hi {
+            NO_INPUT
+        } else {
+            (r.lo * w + c.lo) as u32
+        };
     }
-    let mut best = (r.lo * w + c.lo, x[r.lo * w + c.lo]);
+    let (ow, s, pad) = (out.len(), g.sw, g.pw);
+    let len = ow + (g.kw - 1) / s + 1;
+    phases.resize(s * len, neg_inf);
     for h in r.lo..r.hi {
-        let row = &x[h * w + c.lo..h * w + c.hi];
-        for (k, &v) in row.iter().enumerate() {
-            if v > best.1 || is_nan(v) {
-                best = (h * w + c.lo + k, v);
+        let row = &x[h * w..][..w];
+        for (ph, dst) in phases.chunks_mut(len).enumerate() {
+            for (j, d) in dst.iter_mut().enumerate() {
+                let v = (j * s + ph).wrapping_sub(pad);
+                *d = if v < w { row[v] } else { neg_inf };
             }
         }
+        for dk in 0..g.kw {
+            let run = &phases[(dk % s) * len + dk / s..][..ow];
+            // Position of output j's element at this tap: (h·w + dk − pad) + j·s; only ever
+            // kept for an input element, so its wrap-around for padding is never seen.
+            let base = (h * w + dk).wrapping_sub(pad) as u32;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let step = s as u32;
+                    let mut pos = base;
+                    for ((o, a), &v) in out.iter_mut().zip(at.iter_mut()).zip(run) {
+                        let take = v > *o || is_nan(v);
+                        *o = if take { v } else { *o };
+                        *a = if take { pos } else { *a };
+                        pos = pos.wrapping_add(step);
+                    }
+                },
+            );
+        }
     }
-    Some(best)
 }
 
 /// The pooled output of the contiguous `x: [n, c, h, w]` and, for max pooling with
@@ -244,14 +292,17 @@ fn forward<T: WithDType>(
         |plane, o, mut ix| {
             let x = &x[plane * h * w..][..h * w];
             if g.max {
-                for (i, r) in g.rows.iter().enumerate() {
-                    for (j, cs) in g.cols.iter().enumerate() {
-                        let m = argmax(x, w, r, cs);
-                        o[i * ow + j] = m.map_or(T::from_f64(f64::NEG_INFINITY), |m| m.1);
-                        if let (Some(ix), Some((at, _))) = (ix.as_deref_mut(), m) {
-                            ix[i * ow + j] = at as u32;
-                        }
+                let (mut scratch, mut phases) = (Vec::new(), Vec::new());
+                let at = match ix.as_deref_mut() {
+                    Some(ix) => ix,
+                    None => {
+                        scratch.resize(oh * ow, 0);
+                        &mut scratch[..]
                     }
+                };
+                for (i, r) in g.rows.iter().enumerate() {
+                    let (o, at) = (&mut o[i * ow..][..ow], &mut at[i * ow..][..ow]);
+                    max_row(x, w, r, g, o, at, &mut phases);
                 }
                 return;
             }
@@ -600,6 +651,57 @@ mod tests {
             &plane(&y),
             &[vec![0.5, 2.], vec![2.5, 4.], vec![6.5, 8.], vec![8.5, 10.]],
         );
+    }
+
+    #[test]
+    fn max_and_argmax_follow_pytorchs_rule_window_by_window() {
+        // Small integers make ties; −∞ rows and columns make windows with no finite element;
+        // a NaN must win over everything after it.
+        let (h, w) = (7, 9);
+        let mut x: Vec<f64> = (0..2 * h * w).map(|i| ((i * 7) % 5) as f64).collect();
+        for j in 0..w {
+            x[j] = f64::NEG_INFINITY;
+        }
+        for r in 0..h {
+            x[r * w + w - 1] = f64::NEG_INFINITY;
+        }
+        x[h * w + 3 * w + 4] = f64::NAN;
+        for (k, s, p, ceil) in [
+            ((3, 3), (2, 2), (1, 1), false),
+            ((3, 2), (1, 3), (1, 1), true),
+            ((2, 3), (2, 1), (0, 1), true),
+            ((4, 4), (3, 3), (2, 2), true),
+        ] {
+            let c = cfg(PoolKind::Max, k, s, p, ceil);
+            let g = Geometry::new(&c, h, w).unwrap();
+            let (y, at) = forward::<f64>(&x, (1, 2, h, w), &g, true);
+            let at = at.unwrap();
+            let (oh, ow) = g.out_hw();
+            for plane in 0..2 {
+                let xp = &x[plane * h * w..][..h * w];
+                for (i, r) in g.rows.iter().enumerate() {
+                    for (j, cs) in g.cols.iter().enumerate() {
+                        // The rule as PyTorch's CPU kernel writes it.
+                        let mut best = (r.lo * w + cs.lo, f64::NEG_INFINITY);
+                        for hh in r.lo..r.hi {
+                            for ww in cs.lo..cs.hi {
+                                let v = xp[hh * w + ww];
+                                if v > best.1 || v.is_nan() {
+                                    best = (hh * w + ww, v);
+                                }
+                            }
+                        }
+                        let o = plane * oh * ow + i * ow + j;
+                        let what = format!("{c:?} plane {plane} ({i}, {j})");
+                        assert_eq!(at[o] as usize, best.0, "{what}");
+                        assert!(
+                            y[o] == best.1 || (y[o].is_nan() && best.1.is_nan()),
+                            "{what}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
