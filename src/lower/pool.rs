@@ -659,9 +659,7 @@ mod tests {
         // a NaN must win over everything after it.
         let (h, w) = (7, 9);
         let mut x: Vec<f64> = (0..2 * h * w).map(|i| ((i * 7) % 5) as f64).collect();
-        for j in 0..w {
-            x[j] = f64::NEG_INFINITY;
-        }
+        x[..w].fill(f64::NEG_INFINITY);
         for r in 0..h {
             x[r * w + w - 1] = f64::NEG_INFINITY;
         }
