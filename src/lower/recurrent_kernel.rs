@@ -320,8 +320,10 @@ fn step_forward<T: Gate>(
     c: &mut [T],
     save: &mut [T],
 ) {
+    let (h, c) = (&mut h[..hd], &mut c[..cell_len(cell, hd)]);
     match cell {
         Cell::Rnn { relu } => {
+            let [x, bx, gh, bh] = [x, bx, gh, bh].map(|v| &v[..hd]);
             for j in 0..hd {
                 let pre = (x[j] + bx[j]) + (gh[j] + bh[j]);
                 h[j] = if relu {
@@ -332,14 +334,16 @@ fn step_forward<T: Gate>(
             }
         }
         Cell::Gru => {
-            let (sr, rest) = save.split_at_mut(hd);
-            let (sz, rest) = rest.split_at_mut(hd);
-            let (sn, shn) = rest.split_at_mut(hd);
+            let [xr, xz, xn] = runs(x, hd);
+            let [bxr, bxz, bxn] = runs(bx, hd);
+            let [ghr, ghz, ghn] = runs(gh, hd);
+            let [bhr, bhz, bhn] = runs(bh, hd);
+            let [sr, sz, sn, shn] = runs_mut(save, hd);
             for j in 0..hd {
-                let r = ((x[j] + bx[j]) + (gh[j] + bh[j])).sigmoid();
-                let z = ((x[hd + j] + bx[hd + j]) + (gh[hd + j] + bh[hd + j])).sigmoid();
-                let hn = gh[2 * hd + j] + bh[2 * hd + j];
-                let nn = ((x[2 * hd + j] + bx[2 * hd + j]) + r * hn).tanh();
+                let r = ((xr[j] + bxr[j]) + (ghr[j] + bhr[j])).sigmoid();
+                let z = ((xz[j] + bxz[j]) + (ghz[j] + bhz[j])).sigmoid();
+                let hn = ghn[j] + bhn[j];
+                let nn = ((xn[j] + bxn[j]) + r * hn).tanh();
                 let hp = h[j];
                 h[j] = nn + z * (hp - nn);
                 sr[j] = r;
@@ -349,19 +353,16 @@ fn step_forward<T: Gate>(
             }
         }
         Cell::Lstm => {
-            let (si, rest) = save.split_at_mut(hd);
-            let (sf, rest) = rest.split_at_mut(hd);
-            let (sg, rest) = rest.split_at_mut(hd);
-            let (so, stc) = rest.split_at_mut(hd);
+            let [xi, xf, xg, xo] = runs(x, hd);
+            let [bxi, bxf, bxg, bxo] = runs(bx, hd);
+            let [ghi, ghf, ghg, gho] = runs(gh, hd);
+            let [bhi, bhf, bhg, bho] = runs(bh, hd);
+            let [si, sf, sg, so, stc] = runs_mut(save, hd);
             for j in 0..hd {
-                let pre = |q: usize| {
-                    let k = q * hd + j;
-                    (x[k] + bx[k]) + (gh[k] + bh[k])
-                };
-                let i = pre(0).sigmoid();
-                let f = pre(1).sigmoid();
-                let gg = pre(2).tanh();
-                let o = pre(3).sigmoid();
+                let i = ((xi[j] + bxi[j]) + (ghi[j] + bhi[j])).sigmoid();
+                let f = ((xf[j] + bxf[j]) + (ghf[j] + bhf[j])).sigmoid();
+                let gg = ((xg[j] + bxg[j]) + (ghg[j] + bhg[j])).tanh();
+                let o = ((xo[j] + bxo[j]) + (gho[j] + bho[j])).sigmoid();
                 let cn = f * c[j] + i * gg;
                 let tc = cn.tanh();
                 c[j] = cn;
@@ -374,6 +375,30 @@ fn step_forward<T: Gate>(
             }
         }
     }
+}
+
+/// Elements of the cell state of one sample: `hd` for an LSTM, none for the others.
+#[inline(always)]
+fn cell_len(cell: Cell, hd: usize) -> usize {
+    if cell == Cell::Lstm { hd } else { 0 }
+}
+
+/// `v[..K · len]` cut into `K` runs of `len` elements. Loops over `0..len` that index runs
+/// (rather than `v[q · len + j]`) have no bounds checks inside, so they vectorise.
+#[inline(always)]
+fn runs<const K: usize, T>(v: &[T], len: usize) -> [&[T]; K] {
+    std::array::from_fn(|q| &v[q * len..][..len])
+}
+
+/// [`runs`] of a mutable slice.
+#[inline(always)]
+fn runs_mut<const K: usize, T>(v: &mut [T], len: usize) -> [&mut [T]; K] {
+    let mut rest = &mut v[..K * len];
+    std::array::from_fn(|_| {
+        let (run, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        rest = tail;
+        run
+    })
 }
 
 /// The gradients of [`forward`] for `dout [S·N, T, H]`, the gradient arriving on its output
@@ -586,11 +611,14 @@ impl<T: Gate> StepGrads<'_, T> {
     #[inline(always)]
     fn run(&self, cell: Cell, hd: usize, dx: &mut [T], dg: &mut [T], dh: &mut [T], dc: &mut [T]) {
         let one = T::one();
+        let [h, dh_out] = [self.h, self.dh_out].map(|v| &v[..hd]);
+        let dh = &mut dh[..hd];
         match cell {
             Cell::Rnn { relu } => {
+                let dx = &mut dx[..hd];
                 for j in 0..hd {
-                    let dht = dh[j] + self.dh_out[j];
-                    let y = self.h[j];
+                    let dht = dh[j] + dh_out[j];
+                    let y = h[j];
                     dx[j] = if relu {
                         if y > T::zero() { dht } else { T::zero() }
                     } else {
@@ -599,33 +627,38 @@ impl<T: Gate> StepGrads<'_, T> {
                 }
             }
             Cell::Gru => {
-                let s = self.save;
+                let [r, z, nn, hn] = runs(self.save, hd);
+                let [dxr, dxz, dxn] = runs_mut(dx, hd);
+                let [dgr, dgz, dgn] = runs_mut(dg, hd);
+                let hp = &self.hp[..hd];
                 for j in 0..hd {
-                    let (r, z, nn, hn) = (s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j]);
-                    let dht = dh[j] + self.dh_out[j];
+                    let (r, z, nn, hn) = (r[j], z[j], nn[j], hn[j]);
+                    let dht = dh[j] + dh_out[j];
                     let dn = dht * (one - z) * (one - nn * nn);
-                    let dz = dht * (self.hp[j] - nn) * z * (one - z);
+                    let dz = dht * (hp[j] - nn) * z * (one - z);
                     let dr = dn * hn * r * (one - r);
-                    dx[j] = dr;
-                    dx[hd + j] = dz;
-                    dx[2 * hd + j] = dn;
-                    dg[j] = dr;
-                    dg[hd + j] = dz;
-                    dg[2 * hd + j] = dn * r;
+                    dxr[j] = dr;
+                    dxz[j] = dz;
+                    dxn[j] = dn;
+                    dgr[j] = dr;
+                    dgz[j] = dz;
+                    dgn[j] = dn * r;
                     dh[j] = dht * z;
                 }
             }
             Cell::Lstm => {
-                let s = self.save;
+                let [i, f, gg, o, tc] = runs(self.save, hd);
+                let [dxi, dxf, dxg, dxo] = runs_mut(dx, hd);
+                let [cp, dc_out] = [self.cp, self.dc_out].map(|v| &v[..hd]);
+                let dc = &mut dc[..hd];
                 for j in 0..hd {
-                    let (i, f, gg, o, tc) =
-                        (s[j], s[hd + j], s[2 * hd + j], s[3 * hd + j], s[4 * hd + j]);
-                    let dht = dh[j] + self.dh_out[j];
-                    let dct = dc[j] + self.dc_out[j] + dht * o * (one - tc * tc);
-                    dx[j] = dct * gg * i * (one - i);
-                    dx[hd + j] = dct * self.cp[j] * f * (one - f);
-                    dx[2 * hd + j] = dct * i * (one - gg * gg);
-                    dx[3 * hd + j] = dht * tc * o * (one - o);
+                    let (i, f, gg, o, tc) = (i[j], f[j], gg[j], o[j], tc[j]);
+                    let dht = dh[j] + dh_out[j];
+                    let dct = dc[j] + dc_out[j] + dht * o * (one - tc * tc);
+                    dxi[j] = dct * gg * i * (one - i);
+                    dxf[j] = dct * cp[j] * f * (one - f);
+                    dxg[j] = dct * i * (one - gg * gg);
+                    dxo[j] = dht * tc * o * (one - o);
                     dc[j] = dct * f;
                 }
             }
