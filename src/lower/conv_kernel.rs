@@ -299,20 +299,20 @@ impl Plan {
     }
 
     /// Chunks of samples that make GEMMs of about [`GEMM_COLUMNS`] columns, `per_sample`
-    /// columns and `scratch` elements each, split further when there are fewer chunks than
-    /// threads.
+    /// columns and `scratch` elements each, as many chunks as a multiple of the threads where
+    /// the batch allows it, so that every thread gets the same share (32 samples in chunks
+    /// of 15, 15 and 2 left one of two threads idle for half the time).
     fn with(g: &Geometry, per_sample: usize, scratch: usize) -> Plan {
         let threads = rayon::current_num_threads().max(1);
         let n = g.n.max(1);
         let per_sample = per_sample.max(1);
 
-        let mut chunk = GEMM_COLUMNS
+        let chunk = GEMM_COLUMNS
             .div_ceil(per_sample)
             .min(MAX_SCRATCH / scratch.max(1))
             .clamp(1, n);
-        if n.div_ceil(chunk) < threads {
-            chunk = n.div_ceil(threads);
-        }
+        let chunks = n.div_ceil(chunk).next_multiple_of(threads).min(n);
+        let chunk = n.div_ceil(chunks);
         Plan {
             chunk,
             chunks: n.div_ceil(chunk),
