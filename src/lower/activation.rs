@@ -208,6 +208,79 @@ impl CustomOp2 for PointwiseGrad {
     }
 }
 
+/// ReLU or ReLU6 as `min(max(y, 0), max)` (`max = ∞` for ReLU): the activations a batch
+/// norm (training) or a folded convolution (evaluation) applies in its own passes. NaN stays
+/// NaN; the gradient is PyTorch's: `dy` where `0 < y < max` (`0 < y` for ReLU), else 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Clamp {
+    max: f64,
+}
+
+impl Clamp {
+    /// ReLU.
+    pub const RELU: Clamp = Clamp { max: f64::INFINITY };
+    /// ReLU6.
+    pub const RELU6: Clamp = Clamp { max: 6.0 };
+
+    /// The clamp that computes `a`, if it is one.
+    pub fn of(a: Activation) -> Option<Clamp> {
+        match a {
+            Activation::Relu => Some(Clamp::RELU),
+            Activation::Relu6 => Some(Clamp::RELU6),
+            _ => None,
+        }
+    }
+
+    /// The activation this clamp computes.
+    pub fn activation(self) -> Activation {
+        if self.max.is_finite() {
+            Activation::Relu6
+        } else {
+            Activation::Relu
+        }
+    }
+
+    /// The clamp of one element type, for the kernels' inner loops.
+    #[inline(always)]
+    pub fn of_type<T: Float>(self) -> TypedClamp<T> {
+        TypedClamp {
+            max: T::from_f64(self.max),
+            bounded: self.max.is_finite(),
+        }
+    }
+}
+
+/// [`Clamp`] with its bound in the element type.
+#[derive(Clone, Copy)]
+pub(crate) struct TypedClamp<T> {
+    max: T,
+    bounded: bool,
+}
+
+impl<T: Float> TypedClamp<T> {
+    /// `min(max(t, 0), max)`; NaN stays NaN.
+    #[inline(always)]
+    pub fn apply(self, t: T) -> T {
+        if t < T::zero() {
+            T::zero()
+        } else if self.bounded && t > self.max {
+            self.max
+        } else {
+            t
+        }
+    }
+
+    /// The gradient `dy` through the clamp whose output is `y`.
+    #[inline(always)]
+    pub fn grad(self, dy: T, y: T) -> T {
+        if y > T::zero() && (!self.bounded || y < self.max) {
+            dy
+        } else {
+            T::zero()
+        }
+    }
+}
+
 /// `relu(x₁ + x₂ + …)`, the end of a residual block, in one pass forward and one backward
 /// (the sum of the last two operands and the ReLU are our own op on the CPU for f32 and f64
 /// operands of one shape; elsewhere candle's ops).

@@ -17,6 +17,7 @@ use candle_core::{
     bail,
 };
 
+use super::activation::Clamp;
 use super::conv_kernel::{self, Algorithm, Geometry};
 use super::kernel::{Float, vectorized};
 use super::params::{Param, State};
@@ -74,15 +75,15 @@ impl Conv {
 
     /// Evaluation without gradients of this convolution followed by the per-channel map
     /// `y·scale + shift` (a batch norm's, [`super::norm::BatchNorm::eval_affine`]) and, if
-    /// `relu`, a ReLU: one convolution with the weight `w·scale` and the bias
-    /// `b·scale + shift`, computed from the current parameters at each call, the ReLU applied
-    /// to its output in place. Candle records nothing; the op has no backward.
-    pub fn forward_folded(
+    /// given, a ReLU or ReLU6: one convolution with the weight `w·scale` and the bias
+    /// `b·scale + shift`, computed from the current parameters at each call, the activation
+    /// applied to its output in place. Candle records nothing; the op has no backward.
+    pub(crate) fn forward_folded(
         &self,
         x: &Tensor,
         scale: &Tensor,
         shift: &Tensor,
-        relu: bool,
+        clamp: Option<Clamp>,
     ) -> Result<Tensor> {
         let weight = self.weight.read(false);
         let per_out = scale.reshape((scale.elem_count(), 1, 1, 1))?;
@@ -91,15 +92,18 @@ impl Conv {
             Some(b) => (b.read(false).mul(scale)? + shift)?,
             None => shift.clone(),
         };
-        if !relu {
+        let Some(clamp) = clamp else {
             return conv2d(x, &weight, Some(&bias), &self.cfg);
-        }
+        };
         if !x.device().is_cpu() {
             bail!("conv: only the CPU is supported");
         }
         let g = Geometry::new(&self.cfg, x.dims(), weight.dims())?;
-        x.contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &ConvReluOp(g))
+        x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            &ConvClampOp(g, clamp),
+        )
     }
 }
 
@@ -314,21 +318,21 @@ fn forward<T: Float>(
 }
 
 /// [`forward`] with a bias, then `max(0, ·)` in place.
-fn forward_relu<T: Float>(
+fn forward_clamped<T: Float>(
     g: &Geometry,
+    clamp: Clamp,
     x: Operand<'_>,
     w: Operand<'_>,
     b: Operand<'_>,
 ) -> Result<Vec<T>> {
     let mut y = forward::<T>(g, x, w, Some(b))?;
+    let clamp = clamp.of_type::<T>();
     y.par_chunks_mut(1 << 14).for_each(|chunk| {
         vectorized(
             #[inline(always)]
             || {
                 for v in chunk.iter_mut() {
-                    if *v < T::zero() {
-                        *v = T::zero();
-                    }
+                    *v = clamp.apply(*v);
                 }
             },
         )
@@ -367,12 +371,13 @@ fn bias_grad<T: Float>(g: &Geometry, dy: Operand<'_>) -> Result<Vec<T>> {
 /// The forward convolution of one geometry, on `(x, w)` or `(x, w, b)`.
 struct ConvOp(Geometry);
 
-/// The convolution with a bias followed by a ReLU, for evaluation only (no backward).
-struct ConvReluOp(Geometry);
+/// The convolution with a bias followed by a ReLU or ReLU6, for evaluation only (no
+/// backward).
+struct ConvClampOp(Geometry, Clamp);
 
-impl CustomOp3 for ConvReluOp {
+impl CustomOp3 for ConvClampOp {
     fn name(&self) -> &'static str {
-        "dlc-conv2d-relu"
+        "dlc-conv2d-clamp"
     }
 
     fn cpu_fwd(
@@ -387,7 +392,7 @@ impl CustomOp3 for ConvReluOp {
         let out = by_dtype!(
             "conv",
             s1.dtype(),
-            forward_relu(&self.0, (s1, l1), (s2, l2), (s3, l3))
+            forward_clamped(&self.0, self.1, (s1, l1), (s2, l2), (s3, l3))
         );
         Ok((out, ConvOp(self.0).out_shape()))
     }

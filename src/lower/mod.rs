@@ -27,9 +27,11 @@ pub(crate) mod gradcheck;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use self::activation::Clamp;
 use crate::elaborate::Model;
 use crate::ir::Graph;
 use crate::ops::Op;
+use crate::ops::activation::Activation;
 pub use params::{Init, Param, State};
 
 /// What one node computes.
@@ -293,8 +295,8 @@ impl Network {
                             if inference && c.fold_pays(one()?.dims()) =>
                         {
                             folded[j] = true;
-                            let (scale, shift, relu) = b.eval_affine()?;
-                            c.forward_folded(one()?, &scale, &shift, relu)?
+                            let (scale, shift, clamp) = b.eval_affine()?;
+                            c.forward_folded(one()?, &scale, &shift, clamp)?
                         }
                         _ => c.forward(one()?, grad)?,
                     },
@@ -404,36 +406,45 @@ fn batch_norms_after_convs(
         .collect()
 }
 
-/// Fuses each batch norm whose only reader is a ReLU into that ReLU: the batch norm applies it
-/// in its own passes (forward and backward) and the ReLU node passes its input on.
+/// Fuses each batch norm whose only reader is a ReLU or ReLU6 into that activation: the
+/// batch norm applies it in its own passes (forward and backward) and the activation node
+/// passes its input on.
 fn fuse_batch_norm_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
-    for (relu, j) in relus_of_single_reader(layers, inputs, outputs, |l| {
+    let fusable = |a: Activation| Clamp::of(a).is_some();
+    for (act, j) in activations_of_single_reader(layers, inputs, outputs, fusable, |l| {
         matches!(l, Layer::BatchNorm(_))
     }) {
-        let Layer::BatchNorm(bn) = std::mem::replace(&mut layers[j], Layer::Identity) else {
+        let (Layer::BatchNorm(bn), Layer::Activation(a)) = (
+            std::mem::replace(&mut layers[j], Layer::Identity),
+            std::mem::replace(&mut layers[act], Layer::Identity),
+        ) else {
             unreachable!("selected above");
         };
-        layers[j] = Layer::BatchNorm(bn.then_relu());
-        layers[relu] = Layer::Identity;
+        let clamp = Clamp::of(a).expect("selected above");
+        layers[j] = Layer::BatchNorm(bn.then_clamp(clamp));
     }
 }
 
 /// Fuses each add whose only reader is a ReLU (the end of a residual block) into one
 /// `relu(sum)` op: one pass forward and one backward instead of two each.
 fn fuse_add_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
-    for (relu, j) in relus_of_single_reader(layers, inputs, outputs, |l| matches!(l, Layer::Add)) {
+    let relu = |a: Activation| a == Activation::Relu;
+    for (act, j) in
+        activations_of_single_reader(layers, inputs, outputs, relu, |l| matches!(l, Layer::Add))
+    {
         layers[j] = Layer::AddRelu;
-        layers[relu] = Layer::Identity;
+        layers[act] = Layer::Identity;
     }
 }
 
-/// The pairs `(relu, j)` of a ReLU node and the node `j` it reads, where `producer(j)` holds,
-/// the ReLU is `j`'s only reader, and `j` is not a model output (a node that others read
-/// is left alone).
-fn relus_of_single_reader(
+/// The pairs `(act, j)` of an activation node with `activation(a)` and the node `j` it
+/// reads, where `producer(j)` holds, the activation is `j`'s only reader, and `j` is not a
+/// model output (a node that others read is left alone).
+fn activations_of_single_reader(
     layers: &[Layer],
     inputs: &[Vec<(usize, usize)>],
     outputs: &[usize],
+    activation: impl Fn(Activation) -> bool,
     producer: impl Fn(&Layer) -> bool,
 ) -> Vec<(usize, usize)> {
     let mut readers = vec![0usize; layers.len()];
@@ -447,10 +458,8 @@ fn relus_of_single_reader(
             let &[(j, 0)] = inputs[i].as_slice() else {
                 return None;
             };
-            let fusable = matches!(
-                layers[i],
-                Layer::Activation(crate::ops::activation::Activation::Relu)
-            ) && producer(&layers[j])
+            let fusable = matches!(layers[i], Layer::Activation(a) if activation(a))
+                && producer(&layers[j])
                 && readers[j] == 1
                 && !outputs.contains(&j);
             fusable.then_some((i, j))

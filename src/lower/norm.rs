@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 
+use super::activation::Clamp;
 use super::kernel::{Float, elements};
 use super::norm_kernel::{self, Extent};
 
@@ -17,8 +18,8 @@ use crate::ops::norm::{BatchNorm as BatchNormCfg, LayerNorm as LayerNormCfg, Lrn
 /// A batch-norm layer over axis 1.
 pub struct BatchNorm {
     cfg: BatchNormCfg,
-    /// A ReLU fused after the normalisation (see [`BatchNorm::then_relu`]).
-    relu: bool,
+    /// A ReLU or ReLU6 fused after the normalisation (see [`BatchNorm::then_clamp`]).
+    clamp: Option<Clamp>,
     weight: Param,
     bias: Param,
     running_mean: Param,
@@ -37,7 +38,7 @@ impl BatchNorm {
     pub fn new(state: &mut State, name: &str, cfg: &BatchNormCfg, channels: usize) -> Result<Self> {
         Ok(BatchNorm {
             cfg: cfg.clone(),
-            relu: false,
+            clamp: None,
             weight: state.filled(&format!("{name}.weight"), &[channels], 1.0)?,
             bias: state.filled(&format!("{name}.bias"), &[channels], 0.0)?,
             running_mean: state.buffer(&format!("{name}.running_mean"), &[channels], 0.0)?,
@@ -45,9 +46,12 @@ impl BatchNorm {
         })
     }
 
-    /// The same layer followed by a ReLU, computed in the same passes over the data.
-    pub fn then_relu(self) -> Self {
-        BatchNorm { relu: true, ..self }
+    /// The same layer followed by a ReLU or ReLU6, computed in the same passes over the data.
+    pub(crate) fn then_clamp(self, clamp: Clamp) -> Self {
+        BatchNorm {
+            clamp: Some(clamp),
+            ..self
+        }
     }
 
     /// Normalises (then applies the fused ReLU, if any); in training also updates the running
@@ -56,13 +60,12 @@ impl BatchNorm {
         let (w, b) = (&self.weight.read(grad), &self.bias.read(grad));
         if !train {
             let y = self.normalize_running(x, w, b)?;
-            return if self.relu {
-                super::activation::activate(&y, crate::ops::activation::Activation::Relu)
-            } else {
-                Ok(y)
+            return match self.clamp {
+                Some(c) => super::activation::activate(&y, c.activation()),
+                None => Ok(y),
             };
         }
-        let (y, mean, var) = batch_norm_train_then(x, w, b, self.cfg.eps, self.relu)?;
+        let (y, mean, var) = batch_norm_train_then(x, w, b, self.cfg.eps, self.clamp)?;
         let count = x.elem_count() / x.dim(1)?;
         let m = self.cfg.momentum;
         let unbiased = (var * (count as f64 / (count.max(2) - 1) as f64))?;
@@ -75,15 +78,15 @@ impl BatchNorm {
 
     /// The per-channel map `x·scale + shift` that this layer applies in evaluation mode
     /// (`scale = γ / √(running_var + ε)`, `shift = β − running_mean·scale`), from the current
-    /// parameters and statistics, detached; and whether a ReLU follows it. What
+    /// parameters and statistics, detached; and the ReLU or ReLU6 that follows it. What
     /// [`super::conv::Conv::forward_folded`] folds into the convolution before this layer.
-    pub fn eval_affine(&self) -> Result<(Tensor, Tensor, bool)> {
+    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor, Option<Clamp>)> {
         let scale = (self.running_var.read(false) + self.cfg.eps)?
             .sqrt()?
             .recip()?
             .mul(&self.weight.read(false))?;
         let shift = (self.bias.read(false) - self.running_mean.read(false).mul(&scale)?)?;
-        Ok((scale, shift, self.relu))
+        Ok((scale, shift, self.clamp))
     }
 
     /// Evaluation mode: normalised by the running statistics.
@@ -113,17 +116,17 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    batch_norm_train_then(x, weight, bias, eps, false)
+    batch_norm_train_then(x, weight, bias, eps, None)
 }
 
-/// [`batch_norm_train`], followed by a ReLU when `relu`: fused into the same passes, forward
-/// and backward, with PyTorch's ReLU gradient (zero where the output is 0).
-pub fn batch_norm_train_then(
+/// [`batch_norm_train`], followed by `clamp` (ReLU or ReLU6) if given: fused into the same
+/// passes, forward and backward, with PyTorch's gradient (zero where the output is clipped).
+pub(crate) fn batch_norm_train_then(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-    relu: bool,
+    clamp: Option<Clamp>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let Some(e) = Extent::of(x.dims()) else {
         bail!("batchnorm: input must be [N, C, ...], got {:?}", x.dims());
@@ -138,13 +141,16 @@ pub fn batch_norm_train_then(
     }
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         let (y, mean, var) = batch_norm_composed(x, weight, bias, eps)?;
-        let y = if relu { y.relu()? } else { y };
+        let y = match clamp {
+            Some(c) => super::activation::activate(&y, c.activation())?,
+            None => y,
+        };
         return Ok((y, mean, var));
     }
     let stats = Arc::new(OnceLock::new());
     let op = BatchNormOp {
         eps,
-        relu,
+        clamp,
         stats: stats.clone(),
     };
     let y = x
@@ -205,11 +211,11 @@ macro_rules! by_dtype {
     };
 }
 
-/// Training-mode batch norm of `(x, weight, bias)`, then a ReLU if `relu`; leaves the batch
+/// Training-mode batch norm of `(x, weight, bias)`, then `clamp` if given; leaves the batch
 /// statistics in `stats`.
 struct BatchNormOp {
     eps: f64,
-    relu: bool,
+    clamp: Option<Clamp>,
     stats: Arc<OnceLock<BatchStats>>,
 }
 
@@ -228,7 +234,7 @@ impl BatchNormOp {
         let (mean, var) = norm_kernel::stats(e, x);
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let scale: Vec<f64> = w.iter().zip(&inv_std).map(|(w, s)| w * s).collect();
-        let y = norm_kernel::normalize(e, x, &mean, (&scale, &b), self.relu);
+        let y = norm_kernel::normalize(e, x, &mean, (&scale, &b), self.clamp);
         self.stats
             .set(BatchStats { mean, var, inv_std })
             .map_err(|_| candle_core::Error::Msg("batchnorm: op run twice".into()))?;
@@ -277,7 +283,7 @@ impl CustomOp3 for BatchNormOp {
             .ok_or_else(|| candle_core::Error::Msg("batchnorm: backward before forward".into()))?;
         let grad = grad.contiguous()?;
         let sums_op = GradSums {
-            relu: self.relu,
+            clamp: self.clamp,
             mean: stats.mean.clone(),
             inv_std: stats.inv_std.clone(),
             sums: OnceLock::new(),
@@ -313,7 +319,7 @@ impl CustomOp3 for BatchNormOp {
                 &grad,
                 res,
                 &InputGrad {
-                    relu: self.relu,
+                    clamp: self.clamp,
                     mean: stats.mean.clone(),
                     coefficients,
                 },
@@ -326,9 +332,9 @@ impl CustomOp3 for BatchNormOp {
 }
 
 /// `(x, dy, y) -> [Σ dy, Σ dy · x̂]` per channel, `[2, C]`, with `dy` through the fused ReLU
-/// (whose output is `y`) if `relu`; keeps the sums in f64 in `sums`.
+/// (whose output is `y`) if `clamp`; keeps the sums in f64 in `sums`.
 struct GradSums {
-    relu: bool,
+    clamp: Option<Clamp>,
     mean: Vec<f64>,
     inv_std: Vec<f64>,
     sums: OnceLock<(Vec<f64>, Vec<f64>)>,
@@ -343,12 +349,11 @@ impl GradSums {
         y: (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
         let (x, dy) = (elements::<T>(x.0, x.1)?, elements::<T>(dy.0, dy.1)?);
-        let y = if self.relu {
-            Some(elements::<T>(y.0, y.1)?)
-        } else {
-            None
+        let clamped = match self.clamp {
+            Some(c) => Some((elements::<T>(y.0, y.1)?, c)),
+            None => None,
         };
-        let (sum_dy, sum_dy_xc) = norm_kernel::grad_sums(e, x, dy, y, &self.mean);
+        let (sum_dy, sum_dy_xc) = norm_kernel::grad_sums(e, x, dy, clamped, &self.mean);
         let sum_dy_xhat: Vec<f64> = sum_dy_xc
             .iter()
             .zip(&self.inv_std)
@@ -403,9 +408,9 @@ fn backward_extent(x: &Layout, dy: &Layout, y: &Layout) -> Result<Extent> {
 }
 
 /// `(x, dy, y) -> dx = a · dy + b · (x − mean) + d` per channel, `dy` through the fused ReLU
-/// if `relu` (not itself differentiable).
+/// if `clamp` (not itself differentiable).
 struct InputGrad {
-    relu: bool,
+    clamp: Option<Clamp>,
     mean: Vec<f64>,
     coefficients: (Vec<f64>, Vec<f64>, Vec<f64>),
 }
@@ -419,16 +424,15 @@ impl InputGrad {
         y: (&CpuStorage, &Layout),
     ) -> Result<Vec<T>> {
         let (a, b, d) = &self.coefficients;
-        let y = if self.relu {
-            Some(elements::<T>(y.0, y.1)?)
-        } else {
-            None
+        let clamped = match self.clamp {
+            Some(c) => Some((elements::<T>(y.0, y.1)?, c)),
+            None => None,
         };
         Ok(norm_kernel::input_grad(
             e,
             elements::<T>(x.0, x.1)?,
             elements::<T>(dy.0, dy.1)?,
-            y,
+            clamped,
             &self.mean,
             (a, b, d),
         ))
@@ -751,42 +755,61 @@ mod tests {
     }
 
     #[test]
-    fn fused_relu_matches_batch_norm_then_relu() {
+    fn fused_clamps_match_batch_norm_then_the_activation() {
         use crate::lower::activation::activate;
-        use crate::ops::activation::Activation;
-        let inputs = [random(&[4, 3, 5, 6], 7), random(&[3], 8), random(&[3], 9)];
-        for dtype in [DType::F64, DType::F32] {
-            let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
-            let fused = run_bn(
-                |x, w, b| batch_norm_train_then(x, w, b, 1e-5, true),
-                &inputs,
-                [true; 3],
-            );
-            let separate = run_bn(
-                |x, w, b| {
-                    let (y, m, v) = batch_norm_train(x, w, b, 1e-5)?;
-                    Ok((activate(&y, Activation::Relu)?, m, v))
-                },
-                &inputs,
-                [true; 3],
-            );
-            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            for (a, b) in fused.0.iter().zip(&separate.0) {
-                assert!(max_abs_diff(a, b) < tol, "{dtype:?}: output or stats");
-            }
-            for k in 0..3 {
-                let d = max_abs_diff(
-                    fused.1[k].as_ref().unwrap(),
-                    separate.1[k].as_ref().unwrap(),
+        // A weight of about 4 puts some outputs above 6, where ReLU6 clips.
+        let weight = (random(&[3], 8) + 4.0).unwrap();
+        let inputs = [random(&[4, 3, 5, 6], 7), weight, random(&[3], 9)];
+        for clamp in [Clamp::RELU, Clamp::RELU6] {
+            for dtype in [DType::F64, DType::F32] {
+                let inputs = inputs.clone().map(|t| t.to_dtype(dtype).unwrap());
+                let fused = run_bn(
+                    |x, w, b| batch_norm_train_then(x, w, b, 1e-5, Some(clamp)),
+                    &inputs,
+                    [true; 3],
                 );
-                assert!(d < tol, "{dtype:?}: gradient {k} differs by {d}");
+                let separate = run_bn(
+                    |x, w, b| {
+                        let (y, m, v) = batch_norm_train(x, w, b, 1e-5)?;
+                        Ok((activate(&y, clamp.activation())?, m, v))
+                    },
+                    &inputs,
+                    [true; 3],
+                );
+                let y: Vec<f64> = fused.0[0]
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(y.iter().any(|&v| v == 0.0) && y.iter().any(|&v| v > 0.0 && v < 6.0));
+                assert_eq!(
+                    clamp == Clamp::RELU,
+                    y.iter().any(|&v| v > 6.0),
+                    "{clamp:?}"
+                );
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                for (a, b) in fused.0.iter().zip(&separate.0) {
+                    assert!(
+                        max_abs_diff(a, b) < tol,
+                        "{clamp:?} {dtype:?}: output or stats"
+                    );
+                }
+                for k in 0..3 {
+                    let d = max_abs_diff(
+                        fused.1[k].as_ref().unwrap(),
+                        separate.1[k].as_ref().unwrap(),
+                    );
+                    assert!(d < tol, "{clamp:?} {dtype:?}: gradient {k} differs by {d}");
+                }
             }
+            check_grads(
+                |t| Ok(batch_norm_train_then(&t[0], &t[1], &t[2], 1e-5, Some(clamp))?.0),
+                &inputs,
+                1e-5,
+            );
         }
-        check_grads(
-            |t| Ok(batch_norm_train_then(&t[0], &t[1], &t[2], 1e-5, true)?.0),
-            &inputs,
-            1e-5,
-        );
     }
 
     #[test]

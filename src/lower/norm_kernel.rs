@@ -5,8 +5,8 @@
 //! `[S]` rows (elementwise), with the per-channel numbers in f64:
 //! - statistics: the mean, then the biased variance around it (two passes, as exact as the
 //!   composed version);
-//! - forward: `y = (x − mean) · (w · inv_std) + b`, optionally followed by a ReLU (fused: the
-//!   backward passes below then mask `dy` by the output on the fly);
+//! - forward: `y = (x − mean) · (w · inv_std) + b`, optionally followed by a ReLU or ReLU6
+//!   (fused: the backward passes below then mask `dy` by the output on the fly);
 //! - backward sums: `Σ dy` and `Σ dy · (x − mean)` per channel, which give the bias and weight
 //!   gradients;
 //! - input gradient: `dx = a · dy + b · (x − mean) + d` with per-channel coefficients made from
@@ -14,6 +14,7 @@
 
 use rayon::prelude::*;
 
+use super::activation::Clamp;
 use super::kernel::{Float, sum, sum_zip, vectorized};
 
 /// The extent of one batch-norm call: `n` samples, `c` channels, `s` elements per channel and
@@ -85,13 +86,13 @@ pub(crate) fn stats<T: Float>(e: &Extent, x: &[T]) -> (PerChannel, PerChannel) {
         .unzip()
 }
 
-/// `y = (x − mean) · scale + shift` per channel, then `max(y, 0)` if `relu` (NaN stays NaN).
+/// `y = (x − mean) · scale + shift` per channel, then `clamp` if given (NaN stays NaN).
 pub(crate) fn normalize<T: Float>(
     e: &Extent,
     x: &[T],
     mean: &[f64],
     (scale, shift): (&[f64], &[f64]),
-    relu: bool,
+    clamp: Option<Clamp>,
 ) -> Vec<T> {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
     let mut y = vec![T::zero(); e.len()];
@@ -109,9 +110,18 @@ pub(crate) fn normalize<T: Float>(
                     T::from_f64(shift[ch]),
                 );
                 let xr = &x[r * e.s..][..e.s];
-                for (y, &v) in yr.iter_mut().zip(xr) {
-                    let t = (v - m) * a + b;
-                    *y = if relu && t < T::zero() { T::zero() } else { t };
+                match clamp {
+                    Some(c) => {
+                        let c = c.of_type::<T>();
+                        for (y, &v) in yr.iter_mut().zip(xr) {
+                            *y = c.apply((v - m) * a + b);
+                        }
+                    }
+                    None => {
+                        for (y, &v) in yr.iter_mut().zip(xr) {
+                            *y = (v - m) * a + b;
+                        }
+                    }
                 }
             },
         )
@@ -121,13 +131,13 @@ pub(crate) fn normalize<T: Float>(
 
 /// Per channel, `Σ dy` and `Σ dy · (x − mean)`.
 ///
-/// With `relu_out`, the output of a fused ReLU, `dy` is first zeroed where that output is not
-/// positive (the ReLU's backward).
+/// With `clamped`, the output of a fused clamp and the clamp, `dy` is first taken through the
+/// clamp's backward (zeroed where the output is clipped).
 pub(crate) fn grad_sums<T: Float>(
     e: &Extent,
     x: &[T],
     dy: &[T],
-    relu_out: Option<&[T]>,
+    clamped: Option<(&[T], Clamp)>,
     mean: &[f64],
 ) -> (PerChannel, PerChannel) {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
@@ -135,17 +145,18 @@ pub(crate) fn grad_sums<T: Float>(
     (0..e.c)
         .into_par_iter()
         .map(|ch| {
-            T::with_scratch(if relu_out.is_some() { e.s } else { 0 }, |masked| {
+            T::with_scratch(if clamped.is_some() { e.s } else { 0 }, |masked| {
                 vectorized(
                     #[inline(always)]
                     || {
                         let m = T::from_f64(mean[ch]);
                         (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
                             let (xr, mut dr) = (e.row(x, i, ch), e.row(dy, i, ch));
-                            if let Some(y) = relu_out {
+                            if let Some((y, c)) = clamped {
+                                let c = c.of_type::<T>();
                                 for ((t, &d), &y) in masked.iter_mut().zip(dr).zip(e.row(y, i, ch))
                                 {
-                                    *t = relu_grad(d, y);
+                                    *t = c.grad(d, y);
                                 }
                                 dr = masked;
                             }
@@ -159,13 +170,6 @@ pub(crate) fn grad_sums<T: Float>(
             })
         })
         .unzip()
-}
-
-/// The gradient through a ReLU whose output is `y`: `dy` where `y > 0`, else 0 (PyTorch's
-/// rule, also at 0 and for NaN).
-#[inline(always)]
-fn relu_grad<T: Float>(dy: T, y: T) -> T {
-    if y > T::zero() { dy } else { T::zero() }
 }
 
 /// The coefficients `(a, b, d)` of `dx = a · dy + b · (x − mean) + d`, per channel, from the
@@ -190,13 +194,13 @@ pub(crate) fn input_grad_coefficients(
     coef
 }
 
-/// `dx = a · dy + b · (x − mean) + d` per channel, `dy` masked by `relu_out` as in
+/// `dx = a · dy + b · (x − mean) + d` per channel, `dy` through the clamp as in
 /// [`grad_sums`].
 pub(crate) fn input_grad<T: Float>(
     e: &Extent,
     x: &[T],
     dy: &[T],
-    relu_out: Option<&[T]>,
+    clamped: Option<(&[T], Clamp)>,
     mean: &[f64],
     (a, b, d): (&[f64], &[f64], &[f64]),
 ) -> Vec<T> {
@@ -218,11 +222,11 @@ pub(crate) fn input_grad<T: Float>(
                     T::from_f64(d[ch]),
                 );
                 let (xr, dr) = (&x[r * e.s..][..e.s], &dy[r * e.s..][..e.s]);
-                match relu_out {
-                    Some(y) => {
-                        let yr = &y[r * e.s..][..e.s];
+                match clamped {
+                    Some((y, c)) => {
+                        let (yr, c) = (&y[r * e.s..][..e.s], c.of_type::<T>());
                         for (((g, &v), &u), &y) in dxr.iter_mut().zip(xr).zip(dr).zip(yr) {
-                            *g = a * relu_grad(u, y) + b * (v - m) + d;
+                            *g = a * c.grad(u, y) + b * (v - m) + d;
                         }
                     }
                     None => {
