@@ -92,19 +92,22 @@ fn infer_equals_the_evaluation_forward_on_lenet_with_batch_norm() {
     }
 }
 
-/// `Conv::forward_folded` against the convolution, the evaluation batch norm and the ReLU
-/// one after the other: with and without the conv's bias and the ReLU, grouped and strided.
+/// `Conv::forward_folded` against the convolution, the evaluation batch norm and the
+/// activation one after the other: with and without the conv's bias, ReLU and ReLU6,
+/// grouped and strided.
 #[test]
 fn a_folded_convolution_equals_convolution_then_batch_norm() {
+    use dlc::lower::activation::Clamp;
     use dlc::lower::conv::Conv;
     use dlc::lower::norm::BatchNorm;
     use dlc::lower::{Param, State};
     use dlc::ops::conv::Conv2d;
     use dlc::ops::norm::BatchNorm as BatchNormCfg;
-    for (groups, stride, bias, relu) in [
-        (1, 1, true, true),
-        (1, 2, false, false),
-        (4, 1, false, true),
+    for (groups, stride, bias, clamp) in [
+        (1, 1, true, Some(Clamp::RELU)),
+        (1, 2, false, None),
+        (4, 1, false, Some(Clamp::RELU)),
+        (1, 1, false, Some(Clamp::RELU6)),
     ] {
         let mut state = State::new(&Device::Cpu, DType::F64, Init::Torch, 1);
         let cfg = Conv2d {
@@ -122,7 +125,10 @@ fn a_folded_convolution_equals_convolution_then_batch_norm() {
             momentum: 0.1,
         };
         let bn = BatchNorm::new(&mut state, "bn", &bn_cfg, 8).expect("bn");
-        let bn = if relu { bn.then_relu() } else { bn };
+        let bn = match clamp {
+            Some(c) => bn.then_clamp(c),
+            None => bn,
+        };
         let randomize = |p: &Param, low: f64| {
             let t = Tensor::rand(low, 1.5, p.dims(), &Device::Cpu).expect("random");
             p.set(&t).expect("set");
@@ -141,10 +147,10 @@ fn a_folded_convolution_equals_convolution_then_batch_norm() {
         let want = bn
             .forward(&conv.forward(&x, false).expect("conv"), false, false)
             .expect("bn");
-        let (scale, shift, fused_relu) = bn.eval_affine().expect("affine");
-        assert_eq!(fused_relu, relu);
+        let (scale, shift, fused) = bn.eval_affine().expect("affine");
+        assert_eq!(fused, clamp);
         let got = conv
-            .forward_folded(&x, &scale, &shift, fused_relu)
+            .forward_folded(&x, &scale, &shift, fused)
             .expect("folded");
         let diff = max_abs_diff(&want, &got);
         assert!(diff < 1e-12, "folded differs by {diff}");

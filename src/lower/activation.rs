@@ -212,7 +212,7 @@ impl CustomOp2 for PointwiseGrad {
 /// norm (training) or a folded convolution (evaluation) applies in its own passes. NaN stays
 /// NaN; the gradient is PyTorch's: `dy` where `0 < y < max` (`0 < y` for ReLU), else 0.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Clamp {
+pub struct Clamp {
     max: f64,
 }
 
@@ -242,7 +242,7 @@ impl Clamp {
 
     /// The clamp of one element type, for the kernels' inner loops.
     #[inline(always)]
-    pub fn of_type<T: Float>(self) -> TypedClamp<T> {
+    pub(crate) fn of_type<T: Float>(self) -> TypedClamp<T> {
         TypedClamp {
             max: T::from_f64(self.max),
             bounded: self.max.is_finite(),

@@ -78,7 +78,7 @@ impl Conv {
     /// given, a ReLU or ReLU6: one convolution with the weight `w·scale` and the bias
     /// `b·scale + shift`, computed from the current parameters at each call, the activation
     /// applied to its output in place. Candle records nothing; the op has no backward.
-    pub(crate) fn forward_folded(
+    pub fn forward_folded(
         &self,
         x: &Tensor,
         scale: &Tensor,

@@ -47,7 +47,7 @@ impl BatchNorm {
     }
 
     /// The same layer followed by a ReLU or ReLU6, computed in the same passes over the data.
-    pub(crate) fn then_clamp(self, clamp: Clamp) -> Self {
+    pub fn then_clamp(self, clamp: Clamp) -> Self {
         BatchNorm {
             clamp: Some(clamp),
             ..self
@@ -80,7 +80,7 @@ impl BatchNorm {
     /// (`scale = γ / √(running_var + ε)`, `shift = β − running_mean·scale`), from the current
     /// parameters and statistics, detached; and the ReLU or ReLU6 that follows it. What
     /// [`super::conv::Conv::forward_folded`] folds into the convolution before this layer.
-    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor, Option<Clamp>)> {
+    pub fn eval_affine(&self) -> Result<(Tensor, Tensor, Option<Clamp>)> {
         let scale = (self.running_var.read(false) + self.cfg.eps)?
             .sqrt()?
             .recip()?
@@ -121,7 +121,7 @@ pub fn batch_norm_train(
 
 /// [`batch_norm_train`], followed by `clamp` (ReLU or ReLU6) if given: fused into the same
 /// passes, forward and backward, with PyTorch's gradient (zero where the output is clipped).
-pub(crate) fn batch_norm_train_then(
+pub fn batch_norm_train_then(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -783,7 +783,7 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                assert!(y.iter().any(|&v| v == 0.0) && y.iter().any(|&v| v > 0.0 && v < 6.0));
+                assert!(y.contains(&0.0) && y.iter().any(|&v| v > 0.0 && v < 6.0));
                 assert_eq!(
                     clamp == Clamp::RELU,
                     y.iter().any(|&v| v > 6.0),
