@@ -781,8 +781,11 @@ mod tests {
     fn larger_layers_match_the_candle_path() {
         // Sizes where chunks of several samples, parallel chunks and GEMMs wider than one
         // register block all happen: LeNet's second layer, a ResNet 3×3 and its stride-2 1×1
-        // shortcut, a depthwise 3×3.
+        // shortcut, a depthwise 3×3; and one sample, whose output channels are split between
+        // the threads (im2col, and one GEMM per tap).
         for (c, dims) in [
+            (cfg(32, (3, 3), (2, 2), (1, 1), (1, 1), 1), [1, 16, 12, 12]),
+            (cfg(32, (3, 3), (1, 1), (1, 1), (1, 1), 1), [1, 16, 24, 24]),
             (cfg(16, (5, 5), (1, 1), (0, 0), (1, 1), 1), [9, 6, 14, 14]),
             (cfg(32, (3, 3), (1, 1), (1, 1), (1, 1), 1), [5, 16, 12, 12]),
             (cfg(32, (1, 1), (2, 2), (0, 0), (1, 1), 1), [5, 16, 12, 12]),

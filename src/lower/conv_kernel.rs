@@ -360,6 +360,31 @@ fn for_each_chunk<T: Float>(
     }
 }
 
+/// Runs `f(rows, dst_rows, par)` on the rows of `dst` (`row_len` elements each): with a
+/// parallel `par`, on one block of rows per thread, each block's GEMMs on its own thread;
+/// else on all rows with `par`. A GEMM that uses the pool wakes the threads at every call,
+/// while a convolution that runs several GEMMs (one per tap) wakes them once this way.
+fn split_rows<T: Float>(
+    dst: &mut [T],
+    row_len: usize,
+    par: Parallelism,
+    f: impl Fn(Range<usize>, &mut [T], Parallelism) + Sync,
+) {
+    let rows = dst.len() / row_len.max(1);
+    match par {
+        Parallelism::Rayon(threads) if threads > 1 && rows >= 2 * threads => {
+            let block = rows.div_ceil(threads);
+            dst.par_chunks_mut(block * row_len)
+                .enumerate()
+                .for_each(|(k, d)| {
+                    let start = k * block;
+                    f(start..start + d.len() / row_len, d, Parallelism::None)
+                });
+        }
+        _ => f(0..rows, dst, par),
+    }
+}
+
 /// A matrix operand of [`matmul`]: its elements and (row, column) strides.
 pub(crate) type Mat<'a, T> = (&'a [T], usize, usize);
 
@@ -517,19 +542,22 @@ fn forward_gemm<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Ve
                 } else {
                     &mut *tmp
                 };
-                if let Some(b) = b {
-                    for (oc, row) in dst.chunks_mut(cols).enumerate() {
-                        row.fill(b[grp * og + oc]);
+                split_rows(dst, cols, par, |rows, dst, par| {
+                    if let Some(b) = b {
+                        let b = &b[grp * og..][rows.clone()];
+                        for (row, &b) in dst.chunks_mut(cols).zip(b) {
+                            row.fill(b);
+                        }
                     }
-                }
-                matmul(
-                    (og, cols, ck),
-                    (dst, cols, 1),
-                    (wg, ck, 1),
-                    rhs,
-                    b.is_some(),
-                    par,
-                );
+                    matmul(
+                        (rows.len(), cols, ck),
+                        (dst, cols, 1),
+                        (&wg[rows.start * ck..], ck, 1),
+                        rhs,
+                        b.is_some(),
+                        par,
+                    );
+                });
                 if bs > 1 {
                     for s in 0..bs {
                         for oc in 0..og {
@@ -800,24 +828,26 @@ fn forward_shifted<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) ->
         T::with_scratch(xp_len + o * span, |buf| {
             let (xp, wide) = buf.split_at_mut(xp_len);
             sh.pad(g, x, bs, xp);
-            if let Some(b) = b {
-                for (row, &b) in wide.chunks_mut(span).zip(b) {
-                    row.fill(b);
+            split_rows(wide, span, par, |rows, wide, par| {
+                if let Some(b) = b {
+                    for (row, &b) in wide.chunks_mut(span).zip(&b[rows.clone()]) {
+                        row.fill(b);
+                    }
                 }
-            }
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let t = i * g.kw + j;
-                    matmul(
-                        (o, span, c),
-                        (&mut *wide, span, 1),
-                        (&w[t..], c * kk, kk),
-                        (&xp[sh.tap(g, i, j)..], bs * sh.len, 1),
-                        b.is_some() || t > 0,
-                        par,
-                    );
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let t = i * g.kw + j;
+                        matmul(
+                            (rows.len(), span, c),
+                            (&mut *wide, span, 1),
+                            (&w[rows.start * c * kk + t..], c * kk, kk),
+                            (&xp[sh.tap(g, i, j)..], bs * sh.len, 1),
+                            b.is_some() || t > 0,
+                            par,
+                        );
+                    }
                 }
-            }
+            });
             sh.narrow(g, wide, o, bs, y);
         });
     });
@@ -1282,6 +1312,8 @@ mod tests {
             (cfg(4, (5, 3), (2, 0), (1, 1), true), [5, 3, 10, 6]),
             (cfg(6, (3, 2), (3, 1), (2, 1), true), [4, 2, 7, 9]),
             (cfg(2, (3, 3), (1, 1), (1, 1), true), [40, 3, 5, 5]),
+            // one sample: the output channels are split between the threads
+            (cfg(9, (3, 3), (1, 1), (1, 1), true), [1, 5, 8, 6]),
         ] {
             let w = [
                 c.out as usize,
