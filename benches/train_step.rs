@@ -24,12 +24,11 @@
 //! Peak memory: before each timed turn of a column the process's resident high-water mark is
 //! reset (`train_step/memory.rs`; PyTorch's child does the same for itself); the column's peak
 //! is the highest mark over its turns, in MiB. The dlc and candle-nn columns share this
-//! process: each one's figure includes both columns' models, and pages that one column freed
-//! but the allocator (mimalloc) still holds in a worker thread's heap count for the other, so
-//! with both columns each peak is about the larger of the two; the same holds for rows run one
-//! after the other. For a column's own peak, run one row and one Rust column per process
-//! (`lenet --only dlc,torch`, then `lenet --only candle`). The table also prints each
-//! process's resident size before the first step.
+//! process, and the allocator (mimalloc, set as in the `dlc` binary never to hand freed pages
+//! back) keeps every page any column or earlier row touched: in a run of several rows or both
+//! Rust columns, a peak is at least the largest footprint so far. For a column's own peak,
+//! run one row and one Rust column per process (`lenet --only dlc,torch`, then `lenet --only
+//! candle`). The table also prints each process's resident size before the first step.
 //!
 //! Columns:
 //! - `dlc`: `dlc::lower::Network` built from the spec, updated by `dlc::train::optim::Stepper`
@@ -1263,8 +1262,6 @@ fn main() -> Result<()> {
         let rounds = o.rounds.unwrap_or(5).clamp(1, steps);
         let (x, y) = batch(net)?;
         let mut not_built: HashMap<&'static str, String> = HashMap::new();
-        // The pages the rows before kept are not this row's.
-        memory::release_freed_pages();
 
         // Build every column and check that they train the same number of parameters.
         let mut params: Option<(&str, usize)> = None;

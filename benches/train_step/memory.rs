@@ -3,10 +3,9 @@
 //! the peak while that column ran. Freed heap memory is not handed back to the system there:
 //! that would make the first step of every turn fault in and zero its buffers again, a cost
 //! a training loop never pays. Pages a column keeps after its first turn therefore count
-//! toward its peak (they are its own when one Rust column runs per process), as do pages
-//! another column in the same process freed; the pages of earlier rows are handed back at
-//! the start of each row ([`release_freed_pages`]). The allocator is configured as in the `dlc`
-//! binary ([`keep_freed_pages`]). `benches/train_step_torch.py` does the same inside the
+//! toward its peak (they are its own when one row and one Rust column run per process), as do
+//! pages another column or an earlier row in the same process touched: the allocator is
+//! configured as in the `dlc` binary ([`keep_freed_pages`]), which keeps them for reuse. `benches/train_step_torch.py` does the same inside the
 //! PyTorch process.
 
 /// Resets the high-water mark to the current resident size. `false` where the kernel does not allow it (not Linux, or an old
@@ -20,7 +19,8 @@ pub fn peak_mib() -> Option<f64> {
     status_kib("VmHWM:").map(|k| k as f64 / 1024.0)
 }
 
-/// The resident size now, in MiB (after handing freed heap memory back).
+/// The resident size now, in MiB (after asking mimalloc to hand freed memory back; the pages
+/// [`keep_freed_pages`] keeps stay).
 pub fn resident_mib() -> Option<f64> {
     release_freed_pages();
     status_kib("VmRSS:").map(|k| k as f64 / 1024.0)
@@ -52,7 +52,7 @@ const PURGE_DELAY: std::ffi::c_int = 15;
 /// Returns mimalloc's free pages to the system now, from every thread's heap: purging without
 /// delay while it collects, then its usual delay again (which keeps freed pages for reuse
 /// while a column runs).
-pub fn release_freed_pages() {
+fn release_freed_pages() {
     // SAFETY: mimalloc's documented API, linked in by the `mimalloc` crate; reading and setting
     // an option and collecting free memory have no preconditions.
     unsafe {
