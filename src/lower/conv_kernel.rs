@@ -2,22 +2,26 @@
 //! pass and the gradients of the input, the weight and the bias, each computed on its own so
 //! that a gradient nobody needs costs nothing.
 //!
-//! Two algorithms:
+//! Three algorithms:
 //! - **im2col + GEMM**, the general one. The windows of a chunk of samples are unrolled into a
 //!   `[C/groups · kh · kw, samples · H'·W']` matrix in a per-thread scratch buffer, and one GEMM
 //!   per group (the `gemm` crate, candle's own) computes the output, the unrolled input gradient
 //!   (folded back by col2im), or the weight gradient. A pointwise convolution (1×1, stride 1, no
 //!   padding) of one sample reads the input itself as that matrix. Chunks hold enough samples
-//!   for [`GEMM_COLUMNS`] columns, so that layers with small images still make wide GEMMs.
+//!   for [`GEMM_COLUMNS`] columns, so that layers with small images still make wide GEMMs;
+//!   short output rows unroll through a table ([`Unroll`]).
+//! - **Shifted taps** for stride-1 convolutions whose padding adds few columns: one GEMM per
+//!   kernel tap on a shifted view of the padded input, nothing unrolled (see [`Shifts`]).
 //! - **Direct loops** for depthwise convolution (one input channel per group, several groups),
 //!   where each group's GEMM would have a single row: each output plane is a sum of shifted,
 //!   scaled copies of its input plane, split by the stride into phase planes so that every
 //!   kernel tap is one long vector operation (see [`Phases`]).
 //!
 //! Threads: rayon's global pool, the one candle's CPU kernels and `gemm` use, sized by
-//! `RAYON_NUM_THREADS` (which the CLI's `--threads` sets). The batch is split into chunks; when
-//! there are at least as many chunks as threads they run in parallel, each GEMM on one thread,
-//! else they run in turn and each GEMM uses the pool. Sums over the batch (weight and bias
+//! `RAYON_NUM_THREADS` (which the CLI's `--threads` sets). The batch is split into chunks, as
+//! many as a multiple of the threads where it can be; when there are at least as many chunks
+//! as threads they run in parallel, each GEMM on one thread, else they run in turn and the
+//! forward pass splits each chunk's output channels between the threads. Sums over the batch (weight and bias
 //! gradients) are taken in a fixed order, so results do not depend on thread scheduling.
 
 use std::ops::Range;
