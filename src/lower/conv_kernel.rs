@@ -887,6 +887,30 @@ impl Shifts {
     fn plan(&self, g: &Geometry) -> Plan {
         Plan::with(g, self.len, (g.c + g.o) * self.len)
     }
+
+    /// Runs `f(span, planes, wide)` for a chunk of `bs` samples on this thread's scratch:
+    /// `planes` for the padded input planes (`[c, bs, len]`), `wide` for the output columns
+    /// (`[o, span]`).
+    fn with_buffers<T: Float>(
+        &self,
+        g: &Geometry,
+        bs: usize,
+        f: impl FnOnce(usize, &mut [T], &mut [T]),
+    ) {
+        let span = self.span(g, bs);
+        let planes = g.c * bs * self.len;
+        T::with_scratch(planes + g.o * span, |buf| {
+            let (planes, wide) = buf.split_at_mut(planes);
+            f(span, planes, wide)
+        });
+    }
+
+    /// Every kernel tap: its index `i · kw + j` in a weight's `kh · kw` block, and how far it
+    /// reads from the output column ([`Self::tap`]).
+    fn taps(&self, g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
+        let (sh, g) = (*self, *g);
+        (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| (i * g.kw + j, sh.tap(&g, i, j))))
+    }
 }
 
 /// Fewest input channels for [`Algorithm::Shifted`]: each tap's GEMM sums over that many.
@@ -899,11 +923,8 @@ fn forward_shifted<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) ->
     let mut y = vec![T::zero(); g.n * o * g.ohw()];
     for_each_chunk(&mut y, o * g.ohw(), &plan, |s0, y, par| {
         let bs = y.len() / (o * g.ohw());
-        let span = sh.span(g, bs);
-        let xp_len = c * bs * sh.len;
         let x = &x[s0 * c * g.hw()..][..bs * c * g.hw()];
-        T::with_scratch(xp_len + o * span, |buf| {
-            let (xp, wide) = buf.split_at_mut(xp_len);
+        sh.with_buffers(g, bs, |span, xp, wide| {
             sh.pad(g, x, bs, xp);
             split_rows(wide, span, par, |rows, wide, par| {
                 if let Some(b) = b {
@@ -911,18 +932,15 @@ fn forward_shifted<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) ->
                         row.fill(b);
                     }
                 }
-                for i in 0..g.kh {
-                    for j in 0..g.kw {
-                        let t = i * g.kw + j;
-                        matmul(
-                            (rows.len(), span, c),
-                            (&mut *wide, span, 1),
-                            (&w[rows.start * c * kk + t..], c * kk, kk),
-                            (&xp[sh.tap(g, i, j)..], bs * sh.len, 1),
-                            b.is_some() || t > 0,
-                            par,
-                        );
-                    }
+                for (t, shift) in sh.taps(g) {
+                    matmul(
+                        (rows.len(), span, c),
+                        (&mut *wide, span, 1),
+                        (&w[rows.start * c * kk + t..], c * kk, kk),
+                        (&xp[shift..], bs * sh.len, 1),
+                        b.is_some() || t > 0,
+                        par,
+                    );
                 }
             });
             sh.narrow(g, wide, o, bs, y);
@@ -938,26 +956,20 @@ fn input_grad_shifted<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     let mut dx = vec![T::zero(); g.n * c * g.hw()];
     for_each_chunk(&mut dx, c * g.hw(), &plan, |s0, dx, par| {
         let bs = dx.len() / (c * g.hw());
-        let span = sh.span(g, bs);
-        let xp_len = c * bs * sh.len;
         let dy = &dy[s0 * o * g.ohw()..][..bs * o * g.ohw()];
-        T::with_scratch(xp_len + o * span, |buf| {
-            let (dxp, wide) = buf.split_at_mut(xp_len);
+        sh.with_buffers(g, bs, |span, dxp, wide| {
             sh.widen(g, dy, o, bs, wide);
             dxp.fill(T::zero());
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    // Wᵀ of the tap: [c, o].
-                    let t = i * g.kw + j;
-                    matmul(
-                        (c, span, o),
-                        (&mut dxp[sh.tap(g, i, j)..], bs * sh.len, 1),
-                        (&w[t..], kk, c * kk),
-                        (&*wide, span, 1),
-                        true,
-                        par,
-                    );
-                }
+            for (t, shift) in sh.taps(g) {
+                // Wᵀ of the tap: [c, o].
+                matmul(
+                    (c, span, o),
+                    (&mut dxp[shift..], bs * sh.len, 1),
+                    (&w[t..], kk, c * kk),
+                    (&*wide, span, 1),
+                    true,
+                    par,
+                );
             }
             sh.unpad(g, dxp, bs, dx);
         });
@@ -969,27 +981,21 @@ fn weight_grad_shifted<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let sh = Shifts::new(g);
     let (c, o, kk) = (g.c, g.o, g.kh * g.kw);
     sum_over_chunks(g, &sh.plan(g), |s0, bs, dw, par| {
-        let span = sh.span(g, bs);
-        let xp_len = c * bs * sh.len;
         let x = &x[s0 * c * g.hw()..][..bs * c * g.hw()];
         let dy = &dy[s0 * o * g.ohw()..][..bs * o * g.ohw()];
-        T::with_scratch(xp_len + o * span, |buf| {
-            let (xp, wide) = buf.split_at_mut(xp_len);
+        sh.with_buffers(g, bs, |span, xp, wide| {
             sh.pad(g, x, bs, xp);
             sh.widen(g, dy, o, bs, wide);
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    // dW of the tap, [o, c], += dy · viewᵀ.
-                    let t = i * g.kw + j;
-                    matmul(
-                        (o, c, span),
-                        (&mut dw[t..], c * kk, kk),
-                        (&*wide, span, 1),
-                        (&xp[sh.tap(g, i, j)..], 1, bs * sh.len),
-                        true,
-                        par,
-                    );
-                }
+            for (t, shift) in sh.taps(g) {
+                // dW of the tap, [o, c], += dy · viewᵀ.
+                matmul(
+                    (o, c, span),
+                    (&mut dw[t..], c * kk, kk),
+                    (&*wide, span, 1),
+                    (&xp[shift..], 1, bs * sh.len),
+                    true,
+                    par,
+                );
             }
         });
     })
