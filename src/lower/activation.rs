@@ -49,23 +49,8 @@ impl Pointwise {
     #[inline(always)]
     fn apply<T: Float>(self, v: T) -> T {
         match self {
-            Pointwise::Relu => {
-                if v < T::zero() {
-                    T::zero()
-                } else {
-                    v
-                }
-            }
-            Pointwise::Relu6 => {
-                let six = T::from_f64(6.0);
-                if v < T::zero() {
-                    T::zero()
-                } else if v > six {
-                    six
-                } else {
-                    v
-                }
-            }
+            Pointwise::Relu => Clamp::RELU.of_type().apply(v),
+            Pointwise::Relu6 => Clamp::RELU6.of_type().apply(v),
             Pointwise::Sigmoid => T::one() / (T::one() + (T::zero() - v).exp()),
         }
     }
@@ -74,20 +59,8 @@ impl Pointwise {
     #[inline(always)]
     fn derivative<T: Float>(self, y: T) -> T {
         match self {
-            Pointwise::Relu => {
-                if y > T::zero() {
-                    T::one()
-                } else {
-                    T::zero()
-                }
-            }
-            Pointwise::Relu6 => {
-                if y > T::zero() && y < T::from_f64(6.0) {
-                    T::one()
-                } else {
-                    T::zero()
-                }
-            }
+            Pointwise::Relu => Clamp::RELU.of_type().grad(T::one(), y),
+            Pointwise::Relu6 => Clamp::RELU6.of_type().grad(T::one(), y),
             Pointwise::Sigmoid => y * (T::one() - y),
         }
     }
