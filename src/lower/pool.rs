@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDTyp
 
 use rayon::prelude::*;
 
-use super::kernel::{elements, vectorized};
+use super::kernel::{Float, elements, vectorized};
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
 
@@ -155,6 +155,26 @@ impl Geometry {
         }
     }
 
+    /// The divisor of every window, row-major `[oh, ow]` (zero for a window without
+    /// elements, whose average is zero).
+    fn divisors<T: WithDType>(&self) -> Vec<T> {
+        let mut d = Vec::with_capacity(self.rows.len() * self.cols.len());
+        for r in &self.rows {
+            d.extend(
+                self.cols
+                    .iter()
+                    .map(|c| T::from_f64(self.divisor(r, c) as f64)),
+            );
+        }
+        d
+    }
+
+    /// Whether the windows along W tile the input rows: no padding, window = stride, so
+    /// column `j` reads `[j·k, j·k + k)`.
+    fn tiled_cols(&self) -> bool {
+        self.pw == 0 && self.kw == self.sw && self.cols.iter().all(|c| c.hi - c.lo == self.kw)
+    }
+
     /// Window reads of one call: the cost estimate that decides on threads.
     fn work(&self, planes: usize) -> usize {
         let kh = self.rows.first().map_or(0, |r| r.padded_len);
@@ -272,10 +292,96 @@ fn max_row<T: WithDType>(
     }
 }
 
+/// `dst[i] += src[i]` (inlined into a [`vectorized`] caller).
+#[inline(always)]
+fn add_row<T: Float>(dst: &mut [T], src: &[T]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s)
+}
+
+/// Average pooling of one plane `x` (width `w`) into `out` (`[oh, ow]`), given the windows'
+/// `divisors` (`[oh, ow]`, zero for an empty window): each output row first sums its input
+/// rows into `rows` (scratch, `w` long) with vector adds, then sums each window's columns.
+#[inline(always)]
+fn avg_plane<T: Float>(
+    x: &[T],
+    w: usize,
+    g: &Geometry,
+    divisors: &[T],
+    out: &mut [T],
+    rows: &mut [T],
+) {
+    let ow = g.cols.len();
+    let tiled = g.tiled_cols();
+    for ((r, o), d) in g
+        .rows
+        .iter()
+        .zip(out.chunks_exact_mut(ow))
+        .zip(divisors.chunks_exact(ow))
+    {
+        rows.fill(T::zero());
+        for hh in r.lo..r.hi {
+            add_row(rows, &x[hh * w..][..w]);
+        }
+        if tiled {
+            o.fill(T::zero());
+            for t in 0..g.kw {
+                for (o, &v) in o.iter_mut().zip(rows[t..].iter().step_by(g.kw)) {
+                    *o += v;
+                }
+            }
+        } else {
+            for (o, c) in o.iter_mut().zip(&g.cols) {
+                *o = rows[c.lo..c.hi].iter().fold(T::zero(), |a, &v| a + v);
+            }
+        }
+        for (o, &d) in o.iter_mut().zip(d) {
+            *o = if d == T::zero() { T::zero() } else { *o / d };
+        }
+    }
+}
+
+/// The input gradient of [`avg_plane`] for one plane: each output row spreads its shares
+/// `grad / divisor` over its windows' columns in `shares` (scratch, `w` long), then adds that
+/// row to each of its input rows with vector adds.
+#[inline(always)]
+fn avg_plane_grad<T: Float>(
+    grad: &[T],
+    w: usize,
+    g: &Geometry,
+    divisors: &[T],
+    gi: &mut [T],
+    shares: &mut [T],
+) {
+    let ow = g.cols.len();
+    let tiled = g.tiled_cols();
+    for ((r, go), d) in g
+        .rows
+        .iter()
+        .zip(grad.chunks_exact(ow))
+        .zip(divisors.chunks_exact(ow))
+    {
+        shares.fill(T::zero());
+        let share = |&v: &T, &d: &T| if d == T::zero() { T::zero() } else { v / d };
+        if tiled {
+            for (chunk, (v, d)) in shares.chunks_exact_mut(g.kw).zip(go.iter().zip(d)) {
+                chunk.fill(share(v, d));
+            }
+        } else {
+            for (c, (v, d)) in g.cols.iter().zip(go.iter().zip(d)) {
+                let s = share(v, d);
+                shares[c.lo..c.hi].iter_mut().for_each(|x| *x += s);
+            }
+        }
+        for hh in r.lo..r.hi {
+            add_row(&mut gi[hh * w..][..w], shares);
+        }
+    }
+}
+
 /// The pooled output of the contiguous `x: [n, c, h, w]` and, for max pooling with
 /// `keep_argmax`, the position of each output's maximum in its plane ([`NO_INPUT`] for an
 /// empty window), for the backward pass.
-fn forward<T: WithDType>(
+fn forward<T: Float>(
     x: &[T],
     (n, c, h, w): (usize, usize, usize, usize),
     g: &Geometry,
@@ -284,6 +390,7 @@ fn forward<T: WithDType>(
     let (oh, ow) = g.out_hw();
     let mut out = vec![T::zero(); n * c * oh * ow];
     let mut index = (g.max && keep_argmax).then(|| vec![NO_INPUT; out.len()]);
+    let divisors = g.divisors::<T>();
     for_each_plane(
         &mut out,
         index.as_deref_mut(),
@@ -306,21 +413,12 @@ fn forward<T: WithDType>(
                 }
                 return;
             }
-            for (i, r) in g.rows.iter().enumerate() {
-                let o = &mut o[i * ow..][..ow];
-                for hh in r.lo..r.hi {
-                    let row = &x[hh * w..][..w];
-                    for (o, cs) in o.iter_mut().zip(&g.cols) {
-                        *o += row[cs.lo..cs.hi].iter().fold(T::zero(), |a, &v| a + v);
-                    }
-                }
-                for (o, cs) in o.iter_mut().zip(&g.cols) {
-                    *o = match g.divisor(r, cs) {
-                        0 => T::zero(),
-                        d => *o / T::from_f64(d as f64),
-                    };
-                }
-            }
+            T::with_scratch(w, |rows| {
+                vectorized(
+                    #[inline(always)]
+                    || avg_plane(x, w, g, &divisors, o, rows),
+                )
+            });
         },
     );
     (out, index)
@@ -328,7 +426,7 @@ fn forward<T: WithDType>(
 
 /// The input gradient `[n, c, h, w]` of average pooling, or of max pooling from the argmax
 /// its forward pass saved, given the contiguous output gradient `grad: [n, c, oh, ow]`.
-fn backward<T: WithDType>(
+fn backward<T: Float>(
     grad: &[T],
     (n, c, h, w): (usize, usize, usize, usize),
     argmax: Option<&[u32]>,
@@ -336,6 +434,7 @@ fn backward<T: WithDType>(
 ) -> Vec<T> {
     let (oh, ow) = g.out_hw();
     let mut out = vec![T::zero(); n * c * h * w];
+    let divisors = g.divisors::<T>();
     for_each_plane(&mut out, None, h * w, g.work(n * c), |plane, gi, _| {
         let go = &grad[plane * oh * ow..][..oh * ow];
         if let Some(argmax) = argmax {
@@ -347,18 +446,12 @@ fn backward<T: WithDType>(
             }
             return;
         }
-        for (i, r) in g.rows.iter().enumerate() {
-            let go = &go[i * ow..][..ow];
-            for hh in r.lo..r.hi {
-                let row = &mut gi[hh * w..][..w];
-                for (&d, cs) in go.iter().zip(&g.cols) {
-                    if let k @ 1.. = g.divisor(r, cs) {
-                        let share = d / T::from_f64(k as f64);
-                        row[cs.lo..cs.hi].iter_mut().for_each(|v| *v += share);
-                    }
-                }
-            }
-        }
+        T::with_scratch(w, |shares| {
+            vectorized(
+                #[inline(always)]
+                || avg_plane_grad(go, w, g, &divisors, gi, shares),
+            )
+        });
     });
     out
 }
