@@ -36,18 +36,32 @@ pub fn activate(x: &Tensor, a: Activation) -> Result<Tensor> {
     }
 }
 
-/// The activations with a kernel of our own.
+/// The activations with a kernel of our own; a pooling layer applies one of them to its
+/// input itself when it is the activation's only reader (`pool::activate_pool2d`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pointwise {
+pub enum Pointwise {
+    /// `max(x, 0)`.
     Relu,
+    /// `min(max(x, 0), 6)`.
     Relu6,
+    /// `1 / (1 + e^−x)`.
     Sigmoid,
 }
 
 impl Pointwise {
+    /// The kernel that computes `a`, if there is one.
+    pub fn of(a: Activation) -> Option<Pointwise> {
+        match a {
+            Activation::Relu => Some(Pointwise::Relu),
+            Activation::Relu6 => Some(Pointwise::Relu6),
+            Activation::Sigmoid => Some(Pointwise::Sigmoid),
+            _ => None,
+        }
+    }
+
     /// `f(x)`; NaN stays NaN.
     #[inline(always)]
-    fn apply<T: Float>(self, v: T) -> T {
+    pub(crate) fn apply<T: Float>(self, v: T) -> T {
         match self {
             Pointwise::Relu => Clamp::RELU.of_type().apply(v),
             Pointwise::Relu6 => Clamp::RELU6.of_type().apply(v),
@@ -57,7 +71,7 @@ impl Pointwise {
 
     /// `f'(x)` from the output `y = f(x)`.
     #[inline(always)]
-    fn derivative<T: Float>(self, y: T) -> T {
+    pub(crate) fn derivative<T: Float>(self, y: T) -> T {
         match self {
             Pointwise::Relu => Clamp::RELU.of_type().grad(T::one(), y),
             Pointwise::Relu6 => Clamp::RELU6.of_type().grad(T::one(), y),
@@ -82,6 +96,42 @@ impl Pointwise {
             Pointwise::Relu => map2(y, Some(grad), |y, g| g * Pointwise::Relu.derivative(y)),
             Pointwise::Relu6 => map2(y, Some(grad), |y, g| g * Pointwise::Relu6.derivative(y)),
             Pointwise::Sigmoid => map2(y, Some(grad), |y, g| g * Pointwise::Sigmoid.derivative(y)),
+        }
+    }
+
+    /// `out[i] = f(x[i])`: [`Self::forward`] into a buffer. One loop per activation; inline it
+    /// into a [`vectorized`] caller.
+    #[inline(always)]
+    pub(crate) fn apply_into<T: Float>(self, x: &[T], out: &mut [T]) {
+        #[inline(always)]
+        fn run<T: Float>(x: &[T], out: &mut [T], p: Pointwise) {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = p.apply(v);
+            }
+        }
+        match self {
+            Pointwise::Relu => run(x, out, Pointwise::Relu),
+            Pointwise::Relu6 => run(x, out, Pointwise::Relu6),
+            Pointwise::Sigmoid => run(x, out, Pointwise::Sigmoid),
+        }
+    }
+
+    /// `grad[i] = grad[i] · f'(x[i])`, from the input `x` (its output recomputed): the
+    /// backward of `f` in place, for a kernel that applies `f` to its own input
+    /// (`pool::activate_pool2d`); the same arithmetic as [`Self::backward`]. One loop per
+    /// activation; inline it into a [`vectorized`] caller.
+    #[inline(always)]
+    pub(crate) fn scale_by_derivative<T: Float>(self, grad: &mut [T], x: &[T]) {
+        #[inline(always)]
+        fn run<T: Float>(grad: &mut [T], x: &[T], p: Pointwise) {
+            for (g, &x) in grad.iter_mut().zip(x) {
+                *g = *g * p.derivative(p.apply(x));
+            }
+        }
+        match self {
+            Pointwise::Relu => run(grad, x, Pointwise::Relu),
+            Pointwise::Relu6 => run(grad, x, Pointwise::Relu6),
+            Pointwise::Sigmoid => run(grad, x, Pointwise::Sigmoid),
         }
     }
 

@@ -27,7 +27,7 @@ pub(crate) mod gradcheck;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use self::activation::Clamp;
+use self::activation::{Clamp, Pointwise};
 use crate::elaborate::Model;
 use crate::ir::Graph;
 use crate::ops::Op;
@@ -47,7 +47,9 @@ enum Layer {
     Activation(crate::ops::activation::Activation),
     Softmax(usize),
     Dropout(f64),
-    Pool(crate::ops::pool::Pool2d),
+    /// A pooling layer, with the activation it applies to its input when it was that
+    /// activation's only reader (see [`fuse_activation_pool`]).
+    Pool(crate::ops::pool::Pool2d, Option<Pointwise>),
     AdaptiveAvgPool(usize, usize),
     Flatten(usize),
     Reshape(Vec<usize>),
@@ -152,7 +154,7 @@ impl Network {
                 Op::Activation(a) => Layer::Activation(*a),
                 Op::Softmax(s) => Layer::Softmax(axis(s.dim, in_dims.len())),
                 Op::Dropout(d) => Layer::Dropout(d.p),
-                Op::Pool(p) => Layer::Pool(p.clone()),
+                Op::Pool(p) => Layer::Pool(p.clone(), None),
                 Op::AdaptiveAvgPool(p) => {
                     Layer::AdaptiveAvgPool(p.size.0 as usize, p.size.1 as usize)
                 }
@@ -230,6 +232,7 @@ impl Network {
         let outputs: Vec<usize> = g.outputs.iter().map(|o| o.index()).collect();
         fuse_batch_norm_relu(&mut layers, &inputs, &outputs);
         fuse_add_relu(&mut layers, &inputs, &outputs);
+        fuse_activation_pool(&mut layers, &inputs, &outputs);
         let folded_norm = batch_norms_after_convs(&layers, &inputs, &outputs);
         Ok(Network {
             layers,
@@ -313,7 +316,8 @@ impl Network {
                         x.mul(&mask)?
                     }
                     Layer::Dropout(_) => one()?.clone(),
-                    Layer::Pool(cfg) => pool::pool2d(one()?, cfg)?,
+                    Layer::Pool(cfg, None) => pool::pool2d(one()?, cfg)?,
+                    Layer::Pool(cfg, Some(f)) => pool::activate_pool2d(one()?, *f, cfg)?,
                     Layer::AdaptiveAvgPool(h, w) => pool::adaptive_avg_pool2d(one()?, (*h, *w))?,
                     Layer::Flatten(start) => one()?.flatten_from(*start)?,
                     Layer::Reshape(shape) => {
@@ -410,10 +414,9 @@ fn batch_norms_after_convs(
 /// batch norm applies it in its own passes (forward and backward) and the activation node
 /// passes its input on.
 fn fuse_batch_norm_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
-    let fusable = |a: Activation| Clamp::of(a).is_some();
-    for (act, j) in activations_of_single_reader(layers, inputs, outputs, fusable, |l| {
-        matches!(l, Layer::BatchNorm(_))
-    }) {
+    let batch_norm = |l: &Layer| matches!(l, Layer::BatchNorm(_));
+    let clamp = |l: &Layer| matches!(l, Layer::Activation(a) if Clamp::of(*a).is_some());
+    for (act, j) in single_reader_pairs(layers, inputs, outputs, batch_norm, clamp) {
         let (Layer::BatchNorm(bn), Layer::Activation(a)) = (
             std::mem::replace(&mut layers[j], Layer::Identity),
             std::mem::replace(&mut layers[act], Layer::Identity),
@@ -428,24 +431,44 @@ fn fuse_batch_norm_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], ou
 /// Fuses each add whose only reader is a ReLU (the end of a residual block) into one
 /// `relu(sum)` op: one pass forward and one backward instead of two each.
 fn fuse_add_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
-    let relu = |a: Activation| a == Activation::Relu;
-    for (act, j) in
-        activations_of_single_reader(layers, inputs, outputs, relu, |l| matches!(l, Layer::Add))
-    {
+    let add = |l: &Layer| matches!(l, Layer::Add);
+    let relu = |l: &Layer| matches!(l, Layer::Activation(Activation::Relu));
+    for (act, j) in single_reader_pairs(layers, inputs, outputs, add, relu) {
         layers[j] = Layer::AddRelu;
         layers[act] = Layer::Identity;
     }
 }
 
-/// The pairs `(act, j)` of an activation node with `activation(a)` and the node `j` it
-/// reads, where `producer(j)` holds, the activation is `j`'s only reader, and `j` is not a
-/// model output (a node that others read is left alone).
-fn activations_of_single_reader(
+/// Fuses each ReLU, ReLU6 or sigmoid whose only reader is a pooling layer into it
+/// ([`pool::activate_pool2d`]): the pooling applies the activation to each element as it
+/// reads it and multiplies by its derivative in its backward, so the activation's output and
+/// gradient (each as large as the pooling's input) are never stored; the activation node
+/// passes its input on. LeNet's sigmoid before average pooling, AlexNet's and VGG's ReLU
+/// before max pooling.
+fn fuse_activation_pool(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: &[usize]) {
+    let pointwise = |l: &Layer| match l {
+        Layer::Activation(a) => Pointwise::of(*a),
+        _ => None,
+    };
+    let pool = |l: &Layer| matches!(l, Layer::Pool(_, None));
+    let pairs = single_reader_pairs(layers, inputs, outputs, |l| pointwise(l).is_some(), pool);
+    for (i, act) in pairs {
+        if let (Some(f), Layer::Pool(_, pre)) = (pointwise(&layers[act]), &mut layers[i]) {
+            *pre = Some(f);
+            layers[act] = Layer::Identity;
+        }
+    }
+}
+
+/// The pairs `(i, j)` of a node `i` with `reader(i)` that reads only node `j`, where
+/// `producer(j)` holds, `i` is `j`'s only reader, and `j` is not a model output (a node that
+/// others read is left alone).
+fn single_reader_pairs(
     layers: &[Layer],
     inputs: &[Vec<(usize, usize)>],
     outputs: &[usize],
-    activation: impl Fn(Activation) -> bool,
     producer: impl Fn(&Layer) -> bool,
+    reader: impl Fn(&Layer) -> bool,
 ) -> Vec<(usize, usize)> {
     let mut readers = vec![0usize; layers.len()];
     for ins in inputs {
@@ -458,7 +481,7 @@ fn activations_of_single_reader(
             let &[(j, 0)] = inputs[i].as_slice() else {
                 return None;
             };
-            let fusable = matches!(layers[i], Layer::Activation(a) if activation(a))
+            let fusable = reader(&layers[i])
                 && producer(&layers[j])
                 && readers[j] == 1
                 && !outputs.contains(&j);

@@ -18,10 +18,13 @@
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType, bail,
+};
 
 use rayon::prelude::*;
 
+use super::activation::Pointwise;
 use super::kernel::{Float, elements, vectorized};
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
@@ -30,6 +33,19 @@ use crate::ops::pool::{Pool2d, PoolKind};
 ///
 /// The output is `[N, C, H', W']` with `H'`, `W'` as [`Pool2d::infer`] computes them.
 pub fn pool2d(x: &Tensor, cfg: &Pool2d) -> Result<Tensor> {
+    pool_with(x, None, cfg)
+}
+
+/// [`pool2d`] of `f(x)`, for the activation `f` whose only reader is the pooling layer
+/// (LeNet's sigmoid before average pooling, AlexNet's and VGG's ReLU before max pooling):
+/// the pooling applies `f` to each element as it reads it, and its backward multiplies by
+/// `f'` from the input, so `f(x)` and its gradient are never stored. The same arithmetic as
+/// the two ops apart, so the same results to the bit.
+pub fn activate_pool2d(x: &Tensor, f: Pointwise, cfg: &Pool2d) -> Result<Tensor> {
+    pool_with(x, Some(f), cfg)
+}
+
+fn pool_with(x: &Tensor, pre: Option<Pointwise>, cfg: &Pool2d) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     Geometry::new(cfg, h, w)?;
     if !x.device().is_cpu() {
@@ -37,6 +53,7 @@ pub fn pool2d(x: &Tensor, cfg: &Pool2d) -> Result<Tensor> {
     }
     x.contiguous()?.apply_op1(PoolFwd {
         cfg: cfg.clone(),
+        pre,
         keep_argmax: x.track_op(),
         argmax: Mutex::new(None),
     })
@@ -378,13 +395,14 @@ fn avg_plane_grad<T: Float>(
     }
 }
 
-/// The pooled output of the contiguous `x: [n, c, h, w]` and, for max pooling with
-/// `keep_argmax`, the position of each output's maximum in its plane ([`NO_INPUT`] for an
-/// empty window), for the backward pass.
+/// The pooled output of `f(x)` for the contiguous `x: [n, c, h, w]` (`f` the
+/// pre-activation, if any) and, for max pooling with `keep_argmax`, the position of each
+/// output's maximum in its plane ([`NO_INPUT`] for an empty window), for the backward pass.
 fn forward<T: Float>(
     x: &[T],
     (n, c, h, w): (usize, usize, usize, usize),
     g: &Geometry,
+    pre: Option<Pointwise>,
     keep_argmax: bool,
 ) -> (Vec<T>, Option<Vec<u32>>) {
     let (oh, ow) = g.out_hw();
@@ -398,26 +416,39 @@ fn forward<T: Float>(
         g.work(n * c),
         |plane, o, mut ix| {
             let x = &x[plane * h * w..][..h * w];
-            if g.max {
-                let (mut scratch, mut phases) = (Vec::new(), Vec::new());
-                let at = match ix.as_deref_mut() {
-                    Some(ix) => ix,
-                    None => {
-                        scratch.resize(oh * ow, 0);
-                        &mut scratch[..]
+            let activated = if pre.is_some() { h * w } else { 0 };
+            T::with_scratch(activated + w, |buf| {
+                let (fx, rows) = buf.split_at_mut(activated);
+                // The plane's activations, in one vectorised pass into scratch.
+                let x = match pre {
+                    Some(f) => {
+                        vectorized(
+                            #[inline(always)]
+                            || f.apply_into(x, fx),
+                        );
+                        &*fx
                     }
+                    None => x,
                 };
-                for (i, r) in g.rows.iter().enumerate() {
-                    let (o, at) = (&mut o[i * ow..][..ow], &mut at[i * ow..][..ow]);
-                    max_row(x, w, r, g, o, at, &mut phases);
+                if g.max {
+                    let (mut scratch, mut phases) = (Vec::new(), Vec::new());
+                    let at = match ix.as_deref_mut() {
+                        Some(ix) => ix,
+                        None => {
+                            scratch.resize(oh * ow, 0);
+                            &mut scratch[..]
+                        }
+                    };
+                    for (i, r) in g.rows.iter().enumerate() {
+                        let (o, at) = (&mut o[i * ow..][..ow], &mut at[i * ow..][..ow]);
+                        max_row(x, w, r, g, o, at, &mut phases);
+                    }
+                } else {
+                    vectorized(
+                        #[inline(always)]
+                        || avg_plane(x, w, g, &divisors, o, rows),
+                    )
                 }
-                return;
-            }
-            T::with_scratch(w, |rows| {
-                vectorized(
-                    #[inline(always)]
-                    || avg_plane(x, w, g, &divisors, o, rows),
-                )
             });
         },
     );
@@ -425,12 +456,14 @@ fn forward<T: Float>(
 }
 
 /// The input gradient `[n, c, h, w]` of average pooling, or of max pooling from the argmax
-/// its forward pass saved, given the contiguous output gradient `grad: [n, c, oh, ow]`.
+/// its forward pass saved, given the contiguous output gradient `grad: [n, c, oh, ow]`; with
+/// a pre-activation `(f, x)`, of the pooling of `f(x)` with respect to `x`.
 fn backward<T: Float>(
     grad: &[T],
     (n, c, h, w): (usize, usize, usize, usize),
     argmax: Option<&[u32]>,
     g: &Geometry,
+    pre: Option<(Pointwise, &[T])>,
 ) -> Vec<T> {
     let (oh, ow) = g.out_hw();
     let mut out = vec![T::zero(); n * c * h * w];
@@ -444,14 +477,21 @@ fn backward<T: Float>(
                     gi[at as usize] += d;
                 }
             }
-            return;
+        } else {
+            T::with_scratch(w, |shares| {
+                vectorized(
+                    #[inline(always)]
+                    || avg_plane_grad(go, w, g, &divisors, gi, shares),
+                )
+            });
         }
-        T::with_scratch(w, |shares| {
+        if let Some((f, x)) = pre {
+            let x = &x[plane * h * w..][..h * w];
             vectorized(
                 #[inline(always)]
-                || avg_plane_grad(go, w, g, &divisors, gi, shares),
-            )
-        });
+                || f.scale_by_derivative(gi, x),
+            );
+        }
     });
     out
 }
@@ -460,6 +500,8 @@ fn backward<T: Float>(
 /// (when the input is tracked), so that its backward is a scatter.
 struct PoolFwd {
     cfg: Pool2d,
+    /// The activation applied to the input before pooling.
+    pre: Option<Pointwise>,
     keep_argmax: bool,
     argmax: Mutex<Option<Arc<Vec<u32>>>>,
 }
@@ -475,11 +517,11 @@ impl CustomOp1 for PoolFwd {
         let g = Geometry::new(&self.cfg, h, w)?;
         let (out, argmax) = match s {
             CpuStorage::F32(_) => {
-                let (y, ix) = forward::<f32>(elements(s, l)?, dims, &g, self.keep_argmax);
+                let (y, ix) = forward::<f32>(elements(s, l)?, dims, &g, self.pre, self.keep_argmax);
                 (CpuStorage::F32(y), ix)
             }
             CpuStorage::F64(_) => {
-                let (y, ix) = forward::<f64>(elements(s, l)?, dims, &g, self.keep_argmax);
+                let (y, ix) = forward::<f64>(elements(s, l)?, dims, &g, self.pre, self.keep_argmax);
                 (CpuStorage::F64(y), ix)
             }
             _ => bail!("{}: only f32 and f64 are supported", self.cfg.name()),
@@ -503,27 +545,36 @@ impl CustomOp1 for PoolFwd {
         }
         let op = PoolGrad {
             cfg: self.cfg.clone(),
+            pre: self.pre,
             input: arg.dims4()?,
             argmax,
         };
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
+        Ok(Some(grad_res.contiguous()?.apply_op2_no_bwd(arg, &op)?))
     }
 }
 
-/// `dL/dy -> dL/dx` for [`PoolFwd`] (not itself differentiable): `input` is the forward
-/// input's dims, `argmax` the maxima the forward pass kept (max pooling).
+/// `(dL/dy, x) -> dL/dx` for [`PoolFwd`] (not itself differentiable): `input` is the
+/// forward input's dims, `argmax` the maxima the forward pass kept (max pooling); the input
+/// `x` itself is read for the derivative of the pre-activation, if any.
 struct PoolGrad {
     cfg: Pool2d,
+    pre: Option<Pointwise>,
     input: (usize, usize, usize, usize),
     argmax: Option<Arc<Vec<u32>>>,
 }
 
-impl CustomOp1 for PoolGrad {
+impl CustomOp2 for PoolGrad {
     fn name(&self) -> &'static str {
         "dlc-pool2d-grad"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = self.input;
         let g = Geometry::new(&self.cfg, h, w)?;
         let (oh, ow) = g.out_hw();
@@ -535,13 +586,29 @@ impl CustomOp1 for PoolGrad {
                 [n, c, oh, ow]
             );
         }
+        if xl.dims() != [n, c, h, w] {
+            bail!(
+                "{} backward: input shape {:?}, expected {:?}",
+                self.cfg.name(),
+                xl.dims(),
+                [n, c, h, w]
+            );
+        }
         let argmax = self.argmax.as_deref().map(Vec::as_slice);
         let out = match s {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(backward::<f32>(elements(s, l)?, self.input, argmax, &g))
+                let pre = match self.pre {
+                    Some(f) => Some((f, elements::<f32>(xs, xl)?)),
+                    None => None,
+                };
+                CpuStorage::F32(backward(elements(s, l)?, self.input, argmax, &g, pre))
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(backward::<f64>(elements(s, l)?, self.input, argmax, &g))
+                let pre = match self.pre {
+                    Some(f) => Some((f, elements::<f64>(xs, xl)?)),
+                    None => None,
+                };
+                CpuStorage::F64(backward(elements(s, l)?, self.input, argmax, &g, pre))
             }
             _ => bail!(
                 "{} backward: only f32 and f64 are supported, got {:?}",
@@ -765,7 +832,7 @@ mod tests {
         ] {
             let c = cfg(PoolKind::Max, k, s, p, ceil);
             let g = Geometry::new(&c, h, w).unwrap();
-            let (y, at) = forward::<f64>(&x, (1, 2, h, w), &g, true);
+            let (y, at) = forward::<f64>(&x, (1, 2, h, w), &g, None, true);
             let at = at.unwrap();
             let (oh, ow) = g.out_hw();
             for plane in 0..2 {
@@ -985,6 +1052,64 @@ mod tests {
             PoolKind::Avg => random(&dims, seed),
         };
         check_grads(|t| pool(&t[0], &c), &[x], TOL);
+    }
+
+    /// The gradient of `Σ r · f(x)` with respect to `x`.
+    fn grad_of(x: &Tensor, r: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        let v = candle_core::Var::from_tensor(x).unwrap();
+        let g = (f(v.as_tensor()) * r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        g.get(v.as_tensor()).unwrap().clone()
+    }
+
+    #[test]
+    fn fused_activation_is_the_two_ops_to_the_bit() {
+        use crate::lower::activation::activate;
+        use crate::ops::activation::Activation;
+        let configs = [
+            avg(2, 2, 0, false, true),
+            avg(3, 2, 1, true, false),
+            max(2, 2, 0, false),
+            max(3, 2, 1, false),
+            max(3, 2, 0, true),
+        ];
+        for dtype in [DType::F32, DType::F64] {
+            // Values around 0 and 6, so that ReLU and ReLU6 clip some and keep others.
+            let x = ((random(&[2, 3, 9, 7], 21) * 8.0).unwrap() - 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            for a in [Activation::Sigmoid, Activation::Relu, Activation::Relu6] {
+                let f = Pointwise::of(a).unwrap();
+                for c in &configs {
+                    let apart = |t: &Tensor| pool(&activate(t, a).unwrap(), c).unwrap();
+                    let fused = |t: &Tensor| activate_pool2d(t, f, c).unwrap();
+                    let what = format!("{a:?} {c:?} {dtype:?}");
+                    assert_eq!(max_abs_diff(&fused(&x), &apart(&x)), 0.0, "forward {what}");
+                    let r = random(apart(&x).dims(), 22).to_dtype(dtype).unwrap();
+                    let (gf, ga) = (grad_of(&x, &r, fused), grad_of(&x, &r, apart));
+                    assert_eq!(max_abs_diff(&gf, &ga), 0.0, "gradient {what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grad_fused_sigmoid_avg_and_relu_max() {
+        let x = random(&[2, 2, 6, 7], 23);
+        let c = avg(2, 2, 0, false, true);
+        check_grads(
+            |t| activate_pool2d(&t[0], Pointwise::Sigmoid, &c),
+            &[x],
+            TOL,
+        );
+        let x = random_distinct(&[2, 2, 6, 7], 24);
+        let c = max(3, 2, 1, false);
+        check_grads(|t| activate_pool2d(&t[0], Pointwise::Relu, &c), &[x], TOL);
     }
 
     #[test]
