@@ -57,7 +57,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer (|x·log2 e| < 2²²).
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.336_55, 88.722_84);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let rounded = x * LOG2E + ROUND;
+    let n = rounded - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -66,7 +67,16 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e * pow2(rounded)
+}
+
+/// `2^n` from `rounded = n + 1.5·2²³` (`−127 < n ≤ 128` an integer), whose low mantissa bits
+/// hold `n`: integer arithmetic on the bits, which vectorises, where `n as i32` (a saturating
+/// conversion, NaN-checked) runs lane by lane and made `exp_f32` four times slower.
+#[inline(always)]
+pub(crate) fn pow2(rounded: f32) -> f32 {
+    const ROUND_BITS: u32 = 12_582_912.0f32.to_bits();
+    f32::from_bits(rounded.to_bits().wrapping_sub(ROUND_BITS).wrapping_add(127) << 23)
 }
 
 /// The sum of `x` in eight interleaved partial sums (so that it vectorises), then in order.

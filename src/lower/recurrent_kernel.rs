@@ -43,7 +43,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv_kernel::matmul;
-use super::kernel::{Float, elements, vectorized};
+use super::kernel::{Float, elements, pow2, vectorized};
 use crate::ops::sequence::Cell;
 
 /// Runs one layer in one direction over `steps` steps: `x [N·T, I]` the input (rows
@@ -172,7 +172,8 @@ fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let rounded = x * std::f32::consts::LOG2_E + ROUND;
+    let k = rounded - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -180,7 +181,7 @@ fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((k as i32 + 127) << 23) as u32)
+    p * pow2(rounded)
 }
 
 impl Gate for f32 {
