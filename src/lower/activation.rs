@@ -125,7 +125,7 @@ impl Pointwise {
         #[inline(always)]
         fn run<T: Float>(grad: &mut [T], x: &[T], p: Pointwise) {
             for (g, &x) in grad.iter_mut().zip(x) {
-                *g = *g * p.derivative(p.apply(x));
+                *g *= p.derivative(p.apply(x));
             }
         }
         match self {
