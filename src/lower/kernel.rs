@@ -74,7 +74,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// hold `n`: integer arithmetic on the bits, which vectorises, where `n as i32` (a saturating
 /// conversion, NaN-checked) runs lane by lane and made `exp_f32` four times slower.
 #[inline(always)]
-pub(crate) fn pow2(rounded: f32) -> f32 {
+fn pow2(rounded: f32) -> f32 {
     const ROUND_BITS: u32 = 12_582_912.0f32.to_bits();
     f32::from_bits(rounded.to_bits().wrapping_sub(ROUND_BITS).wrapping_add(127) << 23)
 }
