@@ -14,6 +14,11 @@
 //!   maximum in row-major window order;
 //! - average pooling divides by the window clipped to the padded input, `[.., min(.., H + p))`,
 //!   when `count_pad` (PyTorch's `count_include_pad=True`), else by the number of real elements.
+//!
+//! [`activate_pool2d`] pools `f(x)` for a ReLU, ReLU6 or sigmoid `f` whose only reader the
+//! pooling is (lowering pass `fuse_activation_pool`): `f` is applied to each input plane in
+//! scratch and its derivative multiplied into the input gradient, so `f(x)` and its gradient
+//! are never stored; the arithmetic is that of the two ops apart.
 
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex};
