@@ -272,9 +272,14 @@ pub(crate) fn bias_grad<T: Float>(g: &Geometry, dy: &[T]) -> Vec<T> {
     let mut db = vec![T::zero(); g.o];
     let ohw = g.ohw();
     db.par_iter_mut().enumerate().for_each(|(o, db)| {
-        *db = (0..g.n).fold(T::zero(), |acc, s| {
-            acc + sum(&dy[(s * g.o + o) * ohw..][..ohw])
-        });
+        vectorized(
+            #[inline(always)]
+            || {
+                for s in 0..g.n {
+                    *db += sum(&dy[(s * g.o + o) * ohw..][..ohw]);
+                }
+            },
+        )
     });
     db
 }

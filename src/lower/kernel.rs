@@ -90,8 +90,16 @@ pub(crate) fn sum<T: Float>(x: &[T]) -> T {
             *l += v;
         }
     }
-    let tail = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
-    lanes.iter().fold(tail, |a, &v| a + v)
+    // Loops, not `fold`, here and below: a closure given to an iterator adapter is compiled
+    // in the adapter's own instance, outside the caller's `vectorized` context.
+    let mut total = T::zero();
+    for &v in chunks.remainder() {
+        total += v;
+    }
+    for v in lanes {
+        total += v;
+    }
+    total
 }
 
 /// `Σ f(a, b)` over pairs, in the lane order of [`sum`] (over the shorter length).
@@ -108,12 +116,14 @@ pub(crate) fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
             lanes[k] += f(xa[k], xb[k]);
         }
     }
-    let tail = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .fold(T::zero(), |acc, (&u, &v)| acc + f(u, v));
-    lanes.iter().fold(tail, |acc, &v| acc + v)
+    let mut total = T::zero();
+    for (&u, &v) in ca.remainder().iter().zip(cb.remainder()) {
+        total += f(u, v);
+    }
+    for v in lanes {
+        total += v;
+    }
+    total
 }
 
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, or AVX2 with

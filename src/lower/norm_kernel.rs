@@ -70,16 +70,21 @@ pub(crate) fn stats<T: Float>(e: &Extent, x: &[T]) -> (PerChannel, PerChannel) {
             vectorized(
                 #[inline(always)]
                 || {
-                    let mean = (0..e.n).map(|i| sum(e.row(x, i, ch)).to_f64()).sum::<f64>() / count;
+                    // Plain loops, not `map(..).sum()`: the closures of iterator adapters
+                    // are compiled in the adapters' own instances, without the vector
+                    // instructions `vectorized` enables (see `grad_sums`).
+                    let mut total = 0.0;
+                    for i in 0..e.n {
+                        total += sum(e.row(x, i, ch)).to_f64();
+                    }
+                    let mean = total / count;
                     let m = T::from_f64(mean);
-                    let var = (0..e.n)
-                        .map(|i| {
-                            let r = e.row(x, i, ch);
-                            sum_zip(r, r, |v, _| (v - m) * (v - m)).to_f64()
-                        })
-                        .sum::<f64>()
-                        / count;
-                    (mean, var)
+                    let mut squares = 0.0;
+                    for i in 0..e.n {
+                        let r = e.row(x, i, ch);
+                        squares += sum_zip(r, r, |v, _| (v - m) * (v - m)).to_f64();
+                    }
+                    (mean, squares / count)
                 },
             )
         })
@@ -150,7 +155,11 @@ pub(crate) fn grad_sums<T: Float>(
                     #[inline(always)]
                     || {
                         let m = T::from_f64(mean[ch]);
-                        (0..e.n).fold((0.0, 0.0), |(sdy, sdyx), i| {
+                        // A plain loop, not `fold`: a closure passed to `fold` is compiled
+                        // in `fold`'s own instance, without the vector instructions
+                        // `vectorized` enables (perf: SSE code, 2% of a ResNet-18 step).
+                        let (mut sdy, mut sdyx) = (0.0, 0.0);
+                        for i in 0..e.n {
                             let (xr, mut dr) = (e.row(x, i, ch), e.row(dy, i, ch));
                             if let Some((y, c)) = clamped {
                                 let c = c.of_type::<T>();
@@ -160,11 +169,10 @@ pub(crate) fn grad_sums<T: Float>(
                                 }
                                 dr = masked;
                             }
-                            (
-                                sdy + sum(dr).to_f64(),
-                                sdyx + sum_zip(dr, xr, |d, v| d * (v - m)).to_f64(),
-                            )
-                        })
+                            sdy += sum(dr).to_f64();
+                            sdyx += sum_zip(dr, xr, |d, v| d * (v - m)).to_f64();
+                        }
+                        (sdy, sdyx)
                     },
                 )
             })

@@ -317,7 +317,9 @@ fn max_row<T: WithDType>(
 /// `dst[i] += src[i]` (inlined into a [`vectorized`] caller).
 #[inline(always)]
 fn add_row<T: Float>(dst: &mut [T], src: &[T]) {
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s)
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
 }
 
 /// Average pooling of one plane `x` (width `w`) into `out` (`[oh, ow]`), given the windows'
