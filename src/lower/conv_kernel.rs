@@ -488,42 +488,46 @@ impl Unroll {
 /// row `(ci, i, j)` at `col[row · ld ..][.. oh·ow]` holds the input under tap `(i, j)` of
 /// channel `ci` for every output position, zero where it reads padding.
 fn im2col<T: Float>(g: &Geometry, u: &Unroll, x: &[T], col: &mut [T], ld: usize) {
-    let (hw, ow) = (g.hw(), g.ow);
+    for row in 0..g.ck() {
+        im2col_row(g, u, x, row, &mut col[row * ld..][..g.ohw()]);
+    }
+}
+
+/// [`im2col`] of one sample's group on the whole pool, a share of the rows per thread: for a
+/// batch of one sample, where the chunks of samples give the threads nothing to share.
+fn im2col_parallel<T: Float>(g: &Geometry, u: &Unroll, x: &[T], col: &mut [T], ld: usize) {
+    col[..g.ck() * ld]
+        .par_chunks_mut(ld)
+        .enumerate()
+        .for_each(|(row, dst)| im2col_row(g, u, x, row, &mut dst[..g.ohw()]));
+}
+
+/// Row `(ci, i, j)` of [`im2col`] (`row = (ci · kh + i) · kw + j`) into `dst` (`oh·ow`).
+#[inline(always)]
+fn im2col_row<T: Float>(g: &Geometry, u: &Unroll, x: &[T], row: usize, dst: &mut [T]) {
+    let (hw, ow, kk) = (g.hw(), g.ow, g.kh * g.kw);
+    let (ci, tap) = (row / kk, row % kk);
+    let xc = &x[ci * hw..][..hw];
     if let Some(table) = &u.table {
-        let kk = g.kh * g.kw;
-        for ci in 0..g.cg() {
-            let xc = &x[ci * hw..][..hw];
-            for (t, taps) in table.chunks_exact(g.ohw()).enumerate() {
-                let dst = &mut col[(ci * kk + t) * ld..][..g.ohw()];
-                for (d, &at) in dst.iter_mut().zip(taps) {
-                    *d = xc.get(at as usize).copied().unwrap_or(T::zero());
-                }
-            }
+        let taps = &table[tap * g.ohw()..][..g.ohw()];
+        for (d, &at) in dst.iter_mut().zip(taps) {
+            *d = xc.get(at as usize).copied().unwrap_or(T::zero());
         }
         return;
     }
-    for ci in 0..g.cg() {
-        let xc = &x[ci * hw..][..hw];
-        for i in 0..g.kh {
-            let rows = g.rows(i);
-            for j in 0..g.kw {
-                let cols = g.cols(j);
-                let row = (ci * g.kh + i) * g.kw + j;
-                let dst = &mut col[row * ld..][..g.ohw()];
-                dst[..rows.start * ow].fill(T::zero());
-                dst[rows.end * ow..].fill(T::zero());
-                for oy in rows.clone() {
-                    let d = &mut dst[oy * ow..][..ow];
-                    d[..cols.start].fill(T::zero());
-                    d[cols.end..].fill(T::zero());
-                    if cols.is_empty() {
-                        continue;
-                    }
-                    let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
-                    gather(&mut d[cols.clone()], &xc[start..], g.stride.1);
-                }
-            }
+    let (i, j) = (tap / g.kw, tap % g.kw);
+    let (rows, cols) = (g.rows(i), g.cols(j));
+    dst[..rows.start * ow].fill(T::zero());
+    dst[rows.end * ow..].fill(T::zero());
+    for oy in rows {
+        let d = &mut dst[oy * ow..][..ow];
+        d[..cols.start].fill(T::zero());
+        d[cols.end..].fill(T::zero());
+        if cols.is_empty() {
+            continue;
         }
+        let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+        gather(&mut d[cols.clone()], &xc[start..], g.stride.1);
     }
 }
 
@@ -603,6 +607,9 @@ fn forward_gemm<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Ve
                 let wg = &w[grp * og * ck..][..og * ck];
                 let rhs: Mat<'_, T> = if direct {
                     (&x[grp * cg * hw..], hw, 1)
+                } else if bs == 1 && matches!(par, Parallelism::Rayon(_)) {
+                    im2col_parallel(g, &unroll, &x[grp * cg * hw..], col, cols);
+                    (&*col, cols, 1)
                 } else {
                     for s in 0..bs {
                         im2col(
@@ -1471,6 +1478,11 @@ mod tests {
             im2col(&g, &table, &xs, &mut a, g.ohw());
             im2col(&g, &rows, &xs, &mut b, g.ohw());
             assert_eq!(a, b, "im2col {c:?}");
+            for u in [&table, &rows] {
+                let mut p = vec![7.0; len];
+                im2col_parallel(&g, u, &xs, &mut p, g.ohw());
+                assert_eq!(p, b, "im2col on the pool {c:?}");
+            }
             let dcol = data(&[len], 2);
             let [mut a, mut b] = [vec![0.5; g.c * g.hw()], vec![0.5; g.c * g.hw()]];
             col2im(&g, &table, &dcol, g.ohw(), &mut a);
