@@ -440,8 +440,8 @@ fn fuse_add_relu(layers: &mut [Layer], inputs: &[Vec<(usize, usize)>], outputs: 
 }
 
 /// Fuses each ReLU, ReLU6 or sigmoid whose only reader is a pooling layer into it
-/// ([`pool::activate_pool2d`]): the pooling applies the activation to each element as it
-/// reads it and multiplies by its derivative in its backward, so the activation's output and
+/// ([`pool::activate_pool2d`]): the pooling applies the activation to each input plane in
+/// scratch and multiplies by its derivative in its backward, so the activation's output and
 /// gradient (each as large as the pooling's input) are never stored; the activation node
 /// passes its input on. LeNet's sigmoid before average pooling, AlexNet's and VGG's ReLU
 /// before max pooling.
