@@ -79,28 +79,33 @@ impl Pointwise {
         }
     }
 
-    /// `f` over `x`. Each arm is its own loop with the activation a constant, so that it
-    /// vectorises (one loop matching on `self` per element does not).
+    /// `f` over `x`, in parallel chunks of [`Self::apply_into`].
     fn forward<T: Float>(self, x: &[T]) -> Vec<T> {
-        match self {
-            Pointwise::Relu => map2(x, None, |v, _| Pointwise::Relu.apply(v)),
-            Pointwise::Relu6 => map2(x, None, |v, _| Pointwise::Relu6.apply(v)),
-            Pointwise::Sigmoid => map2(x, None, |v, _| Pointwise::Sigmoid.apply(v)),
-        }
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(POINTWISE_CHUNK)
+            .zip(x.par_chunks(POINTWISE_CHUNK))
+            .for_each(|(o, x)| {
+                vectorized(
+                    #[inline(always)]
+                    || self.apply_into(x, o),
+                )
+            });
+        out
     }
 
-    /// `dL/dx = dL/dy · f'(x)` from the output `y` (one loop per activation, as in
-    /// [`Self::forward`]).
+    /// `dL/dx = dL/dy · f'(x)` from the output `y`. Each arm is its own loop with the
+    /// activation a constant, so that it vectorises (one loop matching on `self` per element
+    /// does not).
     fn backward<T: Float>(self, y: &[T], grad: &[T]) -> Vec<T> {
         match self {
-            Pointwise::Relu => map2(y, Some(grad), |y, g| g * Pointwise::Relu.derivative(y)),
-            Pointwise::Relu6 => map2(y, Some(grad), |y, g| g * Pointwise::Relu6.derivative(y)),
-            Pointwise::Sigmoid => map2(y, Some(grad), |y, g| g * Pointwise::Sigmoid.derivative(y)),
+            Pointwise::Relu => map2(y, grad, |y, g| g * Pointwise::Relu.derivative(y)),
+            Pointwise::Relu6 => map2(y, grad, |y, g| g * Pointwise::Relu6.derivative(y)),
+            Pointwise::Sigmoid => map2(y, grad, |y, g| g * Pointwise::Sigmoid.derivative(y)),
         }
     }
 
-    /// `out[i] = f(x[i])`: [`Self::forward`] into a buffer. One loop per activation; inline it
-    /// into a [`vectorized`] caller.
+    /// `out[i] = f(x[i])`. One loop per activation, with the activation a constant, so that it
+    /// vectorises; inline it into a [`vectorized`] caller.
     #[inline(always)]
     pub(crate) fn apply_into<T: Float>(self, x: &[T], out: &mut [T]) {
         #[inline(always)]
@@ -148,15 +153,15 @@ impl Pointwise {
 /// Elements per parallel task of the pointwise kernels.
 const POINTWISE_CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(a[i], b[i])` (or `f(a[i], a[i])` without `b`), in parallel chunks.
-fn map2<T: Float>(a: &[T], b: Option<&[T]>, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+/// `out[i] = f(a[i], b[i])`, in parallel chunks.
+fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(POINTWISE_CHUNK)
         .enumerate()
         .for_each(|(k, o)| {
             let start = k * POINTWISE_CHUNK;
             let a = &a[start..][..o.len()];
-            let b = b.map_or(a, |b| &b[start..][..o.len()]);
+            let b = &b[start..][..o.len()];
             vectorized(
                 #[inline(always)]
                 || {
@@ -355,16 +360,12 @@ impl CustomOp2 for AddReluOp {
             bail!("add: operands {:?} and {:?} differ", l1.dims(), l2.dims());
         }
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(map2(
-                elements(s1, l1)?,
-                Some(elements(s2, l2)?),
-                add_then_relu,
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(map2(
-                elements(s1, l1)?,
-                Some(elements(s2, l2)?),
-                add_then_relu,
-            )),
+            DType::F32 => {
+                f32::to_cpu_storage_owned(map2(elements(s1, l1)?, elements(s2, l2)?, add_then_relu))
+            }
+            DType::F64 => {
+                f64::to_cpu_storage_owned(map2(elements(s1, l1)?, elements(s2, l2)?, add_then_relu))
+            }
             other => bail!("add: only f32 and f64 are supported, got {other:?}"),
         };
         Ok((out, l1.shape().clone()))

@@ -711,6 +711,23 @@ mod tests {
         (vec![y, mean, var], [grad(0), grad(1), grad(2)])
     }
 
+    /// Asserts that two [`run_bn`] results (outputs, statistics and the three gradients)
+    /// agree within `tol`.
+    fn assert_runs_agree(
+        a: &(Vec<Tensor>, [Option<Tensor>; 3]),
+        b: &(Vec<Tensor>, [Option<Tensor>; 3]),
+        tol: f64,
+        what: &str,
+    ) {
+        for (x, y) in a.0.iter().zip(&b.0) {
+            assert!(max_abs_diff(x, y) < tol, "{what}: output or stats");
+        }
+        for k in 0..3 {
+            let d = max_abs_diff(a.1[k].as_ref().unwrap(), b.1[k].as_ref().unwrap());
+            assert!(d < tol, "{what}: gradient {k} differs by {d}");
+        }
+    }
+
     #[test]
     fn fused_batch_norm_matches_the_composed_one() {
         for (shape, seed) in [
@@ -736,20 +753,7 @@ mod tests {
                     [true; 3],
                 );
                 let tol = if dtype == DType::F64 { 1e-10 } else { 2e-3 };
-                for (a, b) in fused.0.iter().zip(&composed.0) {
-                    assert!(
-                        max_abs_diff(a, b) < tol,
-                        "{shape:?} {dtype:?}: output or stats"
-                    );
-                }
-                for k in 0..3 {
-                    let (a, b) = (
-                        fused.1[k].as_ref().unwrap(),
-                        composed.1[k].as_ref().unwrap(),
-                    );
-                    let d = max_abs_diff(a, b);
-                    assert!(d < tol, "{shape:?} {dtype:?}: gradient {k} differs by {d}");
-                }
+                assert_runs_agree(&fused, &composed, tol, &format!("{shape:?} {dtype:?}"));
             }
         }
     }
@@ -790,19 +794,7 @@ mod tests {
                     "{clamp:?}"
                 );
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-                for (a, b) in fused.0.iter().zip(&separate.0) {
-                    assert!(
-                        max_abs_diff(a, b) < tol,
-                        "{clamp:?} {dtype:?}: output or stats"
-                    );
-                }
-                for k in 0..3 {
-                    let d = max_abs_diff(
-                        fused.1[k].as_ref().unwrap(),
-                        separate.1[k].as_ref().unwrap(),
-                    );
-                    assert!(d < tol, "{clamp:?} {dtype:?}: gradient {k} differs by {d}");
-                }
+                assert_runs_agree(&fused, &separate, tol, &format!("{clamp:?} {dtype:?}"));
             }
             check_grads(
                 |t| Ok(batch_norm_train_then(&t[0], &t[1], &t[2], 1e-5, Some(clamp))?.0),

@@ -322,6 +322,17 @@ fn add_row<T: Float>(dst: &mut [T], src: &[T]) {
     }
 }
 
+/// `sum / divisor`, or zero for a window without elements (`divisor` zero): the average of
+/// a window, and each element's share of its gradient.
+#[inline(always)]
+fn average<T: Float>(sum: T, divisor: T) -> T {
+    if divisor == T::zero() {
+        T::zero()
+    } else {
+        sum / divisor
+    }
+}
+
 /// Average pooling of one plane `x` (width `w`) into `out` (`[oh, ow]`), given the windows'
 /// `divisors` (`[oh, ow]`, zero for an empty window): each output row first sums its input
 /// rows into `rows` (scratch, `w` long) with vector adds, then sums each window's columns.
@@ -359,7 +370,7 @@ fn avg_plane<T: Float>(
             }
         }
         for (o, &d) in o.iter_mut().zip(d) {
-            *o = if d == T::zero() { T::zero() } else { *o / d };
+            *o = average(*o, d);
         }
     }
 }
@@ -385,14 +396,13 @@ fn avg_plane_grad<T: Float>(
         .zip(divisors.chunks_exact(ow))
     {
         shares.fill(T::zero());
-        let share = |&v: &T, &d: &T| if d == T::zero() { T::zero() } else { v / d };
         if tiled {
-            for (chunk, (v, d)) in shares.chunks_exact_mut(g.kw).zip(go.iter().zip(d)) {
-                chunk.fill(share(v, d));
+            for (chunk, (&v, &d)) in shares.chunks_exact_mut(g.kw).zip(go.iter().zip(d)) {
+                chunk.fill(average(v, d));
             }
         } else {
-            for (c, (v, d)) in g.cols.iter().zip(go.iter().zip(d)) {
-                let s = share(v, d);
+            for (c, (&v, &d)) in g.cols.iter().zip(go.iter().zip(d)) {
+                let s = average(v, d);
                 shares[c.lo..c.hi].iter_mut().for_each(|x| *x += s);
             }
         }
