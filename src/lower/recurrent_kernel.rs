@@ -213,9 +213,11 @@ fn pool() -> Parallelism {
 }
 
 /// A row stride of at least `len` elements that is not a multiple of 256 elements: the
-/// per-step GEMM reads a 64-byte run of `W_hhᵀ` from every row in turn, and rows a multiple of
-/// 1 KiB apart (d2l's LSTM: `4·H = 1024` f32, 4 KiB) fall in a few sets of the L1 cache, which
-/// then holds only a handful of them. Measured on the LSTM row: forward 9.1–9.5 → 7.9–8.4 ms.
+/// backward's per-step GEMM reads a little of every row of the gates' gradients in turn, and
+/// rows a multiple of 1 KiB apart (d2l's LSTM: `4·H = 1024` f32, 4 KiB) fall in a few sets of
+/// the L1 cache, which then holds only a handful of them. (The forward's `W_hhᵀ` had the same
+/// problem in one `[H, G]` matrix; measured on the LSTM row, padding it took the forward from
+/// 9.1–9.5 to 7.9–8.4 ms, before it moved to [`PANEL`]-wide panels.)
 fn padded_stride(len: usize) -> usize {
     if len.is_multiple_of(256) {
         len + 16
@@ -223,6 +225,13 @@ fn padded_stride(len: usize) -> usize {
         len
     }
 }
+
+/// Columns per panel of the forward's `W_hhᵀ`. The per-step GEMM `h W_hhᵀ` multiplies the
+/// weight unpacked, reading `PANEL` consecutive elements of every row in turn: within a panel
+/// those rows are adjacent, one sequential stream, where rows of the whole `[H, G]` matrix lie
+/// `4·G` bytes apart and every step of `k` starts a new page. One GEMM per panel; on d2l's
+/// LSTM (16 × 1024 × 256 per thread and step, one thread) 131 → 151 GFLOP/s.
+const PANEL: usize = 64;
 
 /// The forward over all steps: returns the states `[S·N, T, H]` and the saved gate values
 /// `[N, T, saved·H]`.
@@ -240,17 +249,18 @@ fn forward<T: Gate>(d: Dims, x: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>)
     );
     let bias_h: Vec<T> = (0..g).map(|j| w[j * wc + d.i + h]).collect();
     let bias_x: Vec<T> = (0..g).map(|j| w[j * wc + d.i + h + 1]).collect();
-    // W_hhᵀ [H, G], row-major, rows `ld` apart.
-    let ld = padded_stride(g);
+    // W_hhᵀ [H, G] cut into panels of `PANEL` columns, each panel `[H, PANEL]` row-major.
+    let panels = g.div_ceil(PANEL);
     let mut out = vec![T::zero(); planes(d.cell) * n * tt * h];
     let mut saved = vec![T::zero(); n * tt * k];
     // In the calling thread's scratch, which it keeps from call to call: a fresh buffer of
     // this size (over 1 MiB for d2l's LSTM) came back from the allocator as new pages that the
     // kernel zeroes, at every call.
-    T::with_scratch(h * ld, |w_t| {
+    T::with_scratch(panels * h * PANEL, |w_t| {
         for (j, row) in w.chunks_exact(wc).enumerate() {
+            let panel = &mut w_t[j / PANEL * h * PANEL..][..h * PANEL];
             for (c, &v) in row[d.i..][..h].iter().enumerate() {
-                w_t[c * ld + j] = v;
+                panel[c * PANEL + j % PANEL] = v;
             }
         }
         let w_t = &*w_t;
@@ -272,15 +282,18 @@ fn forward<T: Gate>(d: Dims, x: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>)
                 }
                 for s in 0..tt {
                     let t = d.time(s);
-                    // gh = h W_hhᵀ
-                    matmul(
-                        (m, g, h),
-                        (gh, g, 1),
-                        (hst, h, 1),
-                        (w_t, ld, 1),
-                        false,
-                        Parallelism::None,
-                    );
+                    // gh = h W_hhᵀ, one panel of columns at a time
+                    for (p, panel) in w_t.chunks_exact(h * PANEL).enumerate() {
+                        let j0 = p * PANEL;
+                        matmul(
+                            (m, PANEL.min(g - j0), h),
+                            (&mut gh[j0..], g, 1),
+                            (hst, h, 1),
+                            (panel, PANEL, 1),
+                            false,
+                            Parallelism::None,
+                        );
+                    }
                     for r in 0..m {
                         let x = &xp[((r0 + r) * tt + t) * g..][..g];
                         let ghr = &gh[r * g..][..g];
@@ -397,18 +410,23 @@ fn cell_len(cell: Cell, hd: usize) -> usize {
 /// (rather than `v[q · len + j]`) have no bounds checks inside, so they vectorise.
 #[inline(always)]
 fn runs<const K: usize, T>(v: &[T], len: usize) -> [&[T]; K] {
-    std::array::from_fn(|q| &v[q * len..][..len])
+    let mut out = [&v[..0]; K];
+    let mut rest = &v[..K * len];
+    for run in &mut out {
+        (*run, rest) = rest.split_at(len);
+    }
+    out
 }
 
 /// [`runs`] of a mutable slice.
 #[inline(always)]
 fn runs_mut<const K: usize, T>(v: &mut [T], len: usize) -> [&mut [T]; K] {
+    let mut out: [&mut [T]; K] = [(); K].map(|()| <&mut [T]>::default());
     let mut rest = &mut v[..K * len];
-    std::array::from_fn(|_| {
-        let (run, tail) = std::mem::take(&mut rest).split_at_mut(len);
-        rest = tail;
-        run
-    })
+    for run in &mut out {
+        (*run, rest) = std::mem::take(&mut rest).split_at_mut(len);
+    }
+    out
 }
 
 /// The gradients of [`forward`] for `dout [S·N, T, H]`, the gradient arriving on its output
