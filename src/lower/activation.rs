@@ -11,7 +11,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::kernel::{Float, elements, vectorized};
+use super::kernel::{Float, elements, vectorized, zeroed};
 use crate::ops::activation::Activation;
 
 /// Applies an activation; every one has a correct backward (checked below).
@@ -81,7 +81,7 @@ impl Pointwise {
 
     /// `f` over `x`, in parallel chunks of [`Self::apply_into`].
     fn forward<T: Float>(self, x: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
+        let mut out = zeroed(x.len());
         out.par_chunks_mut(POINTWISE_CHUNK)
             .zip(x.par_chunks(POINTWISE_CHUNK))
             .for_each(|(o, x)| {
@@ -155,7 +155,7 @@ const POINTWISE_CHUNK: usize = 1 << 14;
 
 /// `out[i] = f(a[i], b[i])`, in parallel chunks.
 fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+    let mut out = zeroed(a.len());
     out.par_chunks_mut(POINTWISE_CHUNK)
         .enumerate()
         .for_each(|(k, o)| {

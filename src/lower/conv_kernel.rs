@@ -30,7 +30,7 @@ use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernel::{Float, sum, sum_zip, vectorized};
+use super::kernel::{Float, sum, sum_zip, vectorized, zeroed};
 use crate::ops::conv::{Conv2d, window_out};
 
 /// GEMM width (output positions) a chunk of samples aims for: narrower GEMMs run far below
@@ -397,6 +397,15 @@ fn split_rows<T: Float>(
 /// A matrix operand of [`matmul`]: its elements and (row, column) strides.
 pub(crate) type Mat<'a, T> = (&'a [T], usize, usize);
 
+/// The elements a `rows × cols` matrix with strides `(rs, cs)` spans.
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
 /// `dst[m×n] = (dst +) lhs[m×k] · rhs[k×n]`, with `gemm`.
 pub(crate) fn matmul<T: Float>(
     (m, n, k): (usize, usize, usize),
@@ -409,24 +418,68 @@ pub(crate) fn matmul<T: Float>(
     if m == 0 || n == 0 {
         return;
     }
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
     assert!(extent(m, n, dst_rs, dst_cs) <= dst.len(), "matmul: dst");
+    // SAFETY: `dst` is in bounds (checked above) and borrowed mutably, so it overlaps
+    // neither operand.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            (m, n, k),
+            (dst_rs, dst_cs),
+            lhs,
+            rhs,
+            accumulate,
+            par,
+        )
+    }
+}
+
+/// `lhs[m×k] · rhs[k×n]` as a new row-major `m × n` matrix, which the GEMM writes without
+/// its being zeroed first (`matmul` into `vec![0; m·n]` writes every element twice).
+pub(crate) fn matmul_new<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    par: Parallelism,
+) -> Vec<T> {
+    let mut dst = Vec::with_capacity(m * n);
+    if m > 0 && n > 0 {
+        // SAFETY: the capacity holds the dense `m × n` destination, which overlaps neither
+        // operand. Without `accumulate` the GEMM reads no element of it and writes every one
+        // (gemm-common sets the destination's factor to zero and stores `lhs·rhs` alone, or
+        // zeros for `k = 0`), so all `m·n` elements are initialised for `set_len`.
+        unsafe {
+            gemm_into(dst.as_mut_ptr(), (m, n, k), (n, 1), lhs, rhs, false, par);
+            dst.set_len(m * n);
+        }
+    }
+    dst
+}
+
+/// `dst = (dst +) lhs · rhs` through a pointer, with `gemm`; checks the operands' extents.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `accumulate`, initialised reads) of the
+/// `m × n` matrix with strides `(dst_rs, dst_cs)`, and overlap neither operand.
+unsafe fn gemm_into<T: Float>(
+    dst: *mut T,
+    (m, n, k): (usize, usize, usize),
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    accumulate: bool,
+    par: Parallelism,
+) {
     assert!(extent(m, k, lhs.1, lhs.2) <= lhs.0.len(), "matmul: lhs");
     assert!(extent(k, n, rhs.1, rhs.2) <= rhs.0.len(), "matmul: rhs");
-    // SAFETY: every element the GEMM reads or writes is inside its slice (checked above), the
-    // strides are non-negative, and `dst` is borrowed mutably so it overlaps neither operand.
+    // SAFETY: every element the GEMM reads is inside its operand (checked above), the strides
+    // are non-negative, and the caller vouches for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             dst_cs as isize,
             dst_rs as isize,
             accumulate,
@@ -593,7 +646,7 @@ fn forward_gemm<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Ve
     let plan = Plan::new(g);
     let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
     let unroll = Unroll::new(g);
-    let mut y = vec![T::zero(); g.n * g.o * ohw];
+    let mut y = zeroed(g.n * g.o * ohw);
     for_each_chunk(&mut y, g.o * ohw, &plan, |s0, y, par| {
         let bs = y.len() / (g.o * ohw);
         let cols = bs * ohw;
@@ -661,7 +714,7 @@ fn input_grad_gemm<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     let plan = Plan::new(g);
     let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
     let unroll = Unroll::new(g);
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    let mut dx = zeroed(g.n * g.c * hw);
     for_each_chunk(&mut dx, g.c * hw, &plan, |s0, dx, par| {
         let bs = dx.len() / (g.c * hw);
         let cols = bs * ohw;
@@ -753,13 +806,13 @@ fn sum_over_chunks<T: Float>(
     add_chunk: impl Fn(usize, usize, &mut [T], Parallelism) + Sync,
 ) -> Vec<T> {
     if g.n == 0 {
-        return vec![T::zero(); g.o * g.ck()];
+        return zeroed(g.o * g.ck());
     }
     let per_worker = plan.chunks.div_ceil(plan.threads);
     let workers = plan.chunks.div_ceil(per_worker);
     let par = plan.gemm_par(workers > 1);
     let partial = |worker: usize| -> Vec<T> {
-        let mut dw = vec![T::zero(); g.o * g.ck()];
+        let mut dw = zeroed(g.o * g.ck());
         for chunk in worker * per_worker..((worker + 1) * per_worker).min(plan.chunks) {
             let s0 = chunk * plan.chunk;
             add_chunk(s0, plan.chunk.min(g.n - s0), &mut dw, par);
@@ -932,7 +985,7 @@ fn forward_shifted<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) ->
     let sh = Shifts::new(g);
     let plan = sh.plan(g);
     let (c, o, kk) = (g.c, g.o, g.kh * g.kw);
-    let mut y = vec![T::zero(); g.n * o * g.ohw()];
+    let mut y = zeroed(g.n * o * g.ohw());
     for_each_chunk(&mut y, o * g.ohw(), &plan, |s0, y, par| {
         let bs = y.len() / (o * g.ohw());
         let x = &x[s0 * c * g.hw()..][..bs * c * g.hw()];
@@ -965,7 +1018,7 @@ fn input_grad_shifted<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     let sh = Shifts::new(g);
     let plan = sh.plan(g);
     let (c, o, kk) = (g.c, g.o, g.kh * g.kw);
-    let mut dx = vec![T::zero(); g.n * c * g.hw()];
+    let mut dx = zeroed(g.n * c * g.hw());
     for_each_chunk(&mut dx, c * g.hw(), &plan, |s0, dx, par| {
         let bs = dx.len() / (c * g.hw());
         let dy = &dy[s0 * o * g.ohw()..][..bs * o * g.ohw()];
@@ -1144,7 +1197,7 @@ fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> 
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
-    let mut y = vec![T::zero(); g.n * g.o * ohw];
+    let mut y = zeroed(g.n * g.o * ohw);
     if ohw == 0 {
         return y;
     }
@@ -1185,7 +1238,7 @@ fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    let mut dx = zeroed(g.n * g.c * hw);
     if hw == 0 {
         return dx;
     }
@@ -1223,7 +1276,7 @@ fn weight_grad_direct<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
-    let mut dw = vec![T::zero(); g.o * kk];
+    let mut dw = zeroed(g.o * kk);
     // One task per input channel: the weights of its `og` outputs are consecutive.
     dw.par_chunks_mut(og * kk)
         .enumerate()
@@ -1318,6 +1371,30 @@ fn add<T: Float>(dst: &mut [T], src: &[T]) {
 mod tests {
     use super::*;
     use crate::lower::gradcheck::random;
+
+    /// `matmul_new` equals `matmul` into zeros, on every path of the GEMM: `k = 0` (zeros),
+    /// `k ≤ 2`, matrix-vector products (`m = 1`, `n = 1`), small and blocked products, and
+    /// strided, transposed operands, serial and on the pool.
+    #[test]
+    fn matmul_new_is_matmul_into_zeros() {
+        for (m, n, k) in [
+            (3, 4, 0),
+            (5, 7, 2),
+            (1, 9, 30),
+            (9, 1, 30),
+            (6, 5, 4),
+            (70, 300, 129),
+        ] {
+            let values = |len: usize, seed| random(&[len], seed).to_vec1::<f64>().unwrap();
+            let (lhs, rhs) = (values(m * k * 2, 1), values(k * n + 3, 2));
+            let (a, b): (Mat<'_, f64>, Mat<'_, f64>) = ((&lhs, 1, 2 * m), (&rhs[3..], n, 1));
+            for par in [Parallelism::None, Parallelism::Rayon(2)] {
+                let mut want = vec![0.0; m * n];
+                matmul((m, n, k), (&mut want, n, 1), a, b, false, par);
+                assert_eq!(matmul_new((m, n, k), a, b, par), want, "{m}×{n}×{k}");
+            }
+        }
+    }
 
     fn data(dims: &[usize], seed: u64) -> Vec<f64> {
         random(dims, seed).flatten_all().unwrap().to_vec1().unwrap()

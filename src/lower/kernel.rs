@@ -2,8 +2,10 @@
 //! and reductions that vectorise without changing with the thread count.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use rayon::prelude::*;
 
 /// Element types of the kernels (f32 and f64), each with a scratch buffer per thread.
 pub(crate) trait Float: WithDType {
@@ -126,6 +128,26 @@ pub(crate) fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     total
 }
 
+/// Buffers of at least this many elements are zeroed by [`zeroed`] on the whole pool.
+const PARALLEL_ZEROING: usize = 1 << 16;
+
+/// A vector of `len` zeros. A large one is zeroed on every thread of rayon's pool, each its
+/// own share, where `vec![0; len]` zeroes on the calling thread alone while the pool waits
+/// (the kernels' output and gradient buffers: several MiB per op).
+pub(crate) fn zeroed<T: Float>(len: usize) -> Vec<T> {
+    if len < PARALLEL_ZEROING {
+        return vec![T::zero(); len];
+    }
+    let mut v = Vec::with_capacity(len);
+    let share = len.div_ceil(rayon::current_num_threads());
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(share)
+        .for_each(|part| part.fill(MaybeUninit::new(T::zero())));
+    // SAFETY: the loop above wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, or AVX2 with
 /// FMA, on x86-64; detected at run time by `pulp`, as `gemm` does). Only code inlined into `f`
 /// benefits, hence `#[inline(always)]` on the vector helpers it calls.
@@ -147,6 +169,21 @@ pub(crate) fn elements<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_is_all_zeros_at_every_size() {
+        for len in [
+            0,
+            1,
+            PARALLEL_ZEROING - 1,
+            PARALLEL_ZEROING,
+            3 * PARALLEL_ZEROING + 7,
+        ] {
+            let v = zeroed::<f32>(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x == 0.0));
+        }
+    }
 
     #[test]
     fn exp_f32_is_within_two_ulp_of_libm() {

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::activation::Clamp;
-use super::kernel::{Float, sum, sum_zip, vectorized};
+use super::kernel::{Float, sum, sum_zip, vectorized, zeroed};
 
 /// The extent of one batch-norm call: `n` samples, `c` channels, `s` elements per channel and
 /// sample.
@@ -100,7 +100,7 @@ pub(crate) fn normalize<T: Float>(
     clamp: Option<Clamp>,
 ) -> Vec<T> {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
-    let mut y = vec![T::zero(); e.len()];
+    let mut y = zeroed(e.len());
     if e.s == 0 {
         return y;
     }
@@ -214,7 +214,7 @@ pub(crate) fn input_grad<T: Float>(
 ) -> Vec<T> {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
     assert_eq!(dy.len(), e.len(), "batch norm: gradient has the wrong size");
-    let mut dx = vec![T::zero(); e.len()];
+    let mut dx = zeroed(e.len());
     if e.s == 0 {
         return dx;
     }
@@ -268,7 +268,7 @@ pub(crate) fn layer_norm<T: Float>(
         "layer norm: weight and bias of {d}"
     );
     let rows = x.len() / d;
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = zeroed(x.len());
     let mut stats = vec![(0.0, 0.0); rows];
     let block = rows_per_block(d);
     y.par_chunks_mut(block * d)
@@ -316,7 +316,7 @@ pub(crate) fn layer_norm_backward<T: Float>(
         stats.len() * d,
         "layer norm backward: statistics per row"
     );
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = zeroed(x.len());
     let block = rows_per_block(d);
     let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(block * d)

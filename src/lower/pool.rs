@@ -30,7 +30,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::activation::Pointwise;
-use super::kernel::{Float, elements, vectorized};
+use super::kernel::{Float, elements, vectorized, zeroed};
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
 
@@ -423,7 +423,7 @@ fn forward<T: Float>(
     keep_argmax: bool,
 ) -> (Vec<T>, Option<Vec<u32>>) {
     let (oh, ow) = g.out_hw();
-    let mut out = vec![T::zero(); n * c * oh * ow];
+    let mut out = zeroed(n * c * oh * ow);
     let mut index = (g.max && keep_argmax).then(|| vec![NO_INPUT; out.len()]);
     let divisors = g.divisors::<T>();
     for_each_plane(
@@ -483,7 +483,7 @@ fn backward<T: Float>(
     pre: Option<(Pointwise, &[T])>,
 ) -> Vec<T> {
     let (oh, ow) = g.out_hw();
-    let mut out = vec![T::zero(); n * c * h * w];
+    let mut out = zeroed(n * c * h * w);
     let divisors = g.divisors::<T>();
     for_each_plane(&mut out, None, h * w, g.work(n * c), |plane, gi, _| {
         let go = &grad[plane * oh * ow..][..oh * ow];

@@ -43,8 +43,8 @@ use candle_core::{
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv_kernel::matmul;
-use super::kernel::{Float, elements, exp_f32, vectorized};
+use super::conv_kernel::{matmul, matmul_new};
+use super::kernel::{Float, elements, exp_f32, vectorized, zeroed};
 use crate::ops::sequence::Cell;
 
 /// Runs one layer in one direction over `steps` steps: `x [N·T, I]` the input (rows
@@ -238,21 +238,13 @@ const PANEL: usize = 64;
 fn forward<T: Gate>(d: Dims, x: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>) {
     let (n, tt, h, g, k, wc) = (d.n, d.t, d.h, d.g(), d.saved() * d.h, d.width());
     // The input projections of all steps, x W_ihᵀ.
-    let mut xp = vec![T::zero(); n * tt * g];
-    matmul(
-        (n * tt, g, d.i),
-        (&mut xp, g, 1),
-        (x, d.i, 1),
-        (w, 1, wc),
-        false,
-        pool(),
-    );
+    let xp = matmul_new((n * tt, g, d.i), (x, d.i, 1), (w, 1, wc), pool());
     let bias_h: Vec<T> = (0..g).map(|j| w[j * wc + d.i + h]).collect();
     let bias_x: Vec<T> = (0..g).map(|j| w[j * wc + d.i + h + 1]).collect();
     // W_hhᵀ [H, G] cut into panels of `PANEL` columns, each panel `[H, PANEL]` row-major.
     let panels = g.div_ceil(PANEL);
-    let mut out = vec![T::zero(); planes(d.cell) * n * tt * h];
-    let mut saved = vec![T::zero(); n * tt * k];
+    let mut out = zeroed(planes(d.cell) * n * tt * h);
+    let mut saved = zeroed(n * tt * k);
     // In the calling thread's scratch, which it keeps from call to call: a fresh buffer of
     // this size (over 1 MiB for d2l's LSTM) came back from the allocator as new pages that the
     // kernel zeroes, at every call.
@@ -449,10 +441,10 @@ fn backward<T: Gate>(
     // Rows of the gates' gradients, `gp` apart (see `padded_stride`): each step's GEMM reads
     // one row of every sample in its block.
     let gp = padded_stride(g);
-    let mut dxp = vec![T::zero(); n * tt * gp];
+    let mut dxp = zeroed(n * tt * gp);
     // The gradient of `h W_hhᵀ + b_hh`: the GRU's differs from `dxp` in the n gate.
     let mut dgh = if d.cell == Cell::Gru {
-        vec![T::zero(); n * tt * gp]
+        zeroed(n * tt * gp)
     } else {
         Vec::new()
     };
@@ -551,16 +543,7 @@ fn backward<T: Gate>(
     let dw = weight_grad(d, x, (&dxp, gates, gp), state0, &out[..plane]);
     let dx = input_grad.then(|| {
         // dx = dxp W_ih
-        let mut dx = vec![T::zero(); n * tt * d.i];
-        matmul(
-            (n * tt, d.i, g),
-            (&mut dx, d.i, 1),
-            (&dxp, gp, 1),
-            (w, wc, 1),
-            false,
-            pool(),
-        );
-        dx
+        matmul_new((n * tt, d.i, g), (&dxp, gp, 1), (w, wc, 1), pool())
     });
     (dx, dw, dstate0)
 }
@@ -578,7 +561,7 @@ fn weight_grad<T: Gate>(
     hs: &[T],
 ) -> Vec<T> {
     let (n, tt, h, g, wc) = (d.n, d.t, d.h, d.g(), d.width());
-    let mut prev = vec![T::zero(); n * tt * h];
+    let mut prev = zeroed(n * tt * h);
     prev.par_chunks_mut(tt * h).enumerate().for_each(|(i, p)| {
         for s in 0..tt {
             let src = if s == 0 {
@@ -589,7 +572,7 @@ fn weight_grad<T: Gate>(
             p[d.time(s) * h..][..h].copy_from_slice(src);
         }
     });
-    let mut dw = vec![T::zero(); g * wc];
+    let mut dw = zeroed(g * wc);
     matmul(
         (g, d.i, n * tt),
         (&mut dw, wc, 1),
