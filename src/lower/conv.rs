@@ -57,14 +57,15 @@ impl Conv {
     }
 }
 
-/// About how many passes over a convolution's output a batch norm (and ReLU) takes in
-/// evaluation mode when it is not folded into the convolution.
-const UNFOLDED_NORM_PASSES: usize = 4;
+/// Passes over a convolution's output that a batch norm (and ReLU) takes in evaluation mode
+/// when it is not folded into the convolution: one, reading and writing each element
+/// (`norm.rs`'s `EvalNormOp`), as the fold reads and writes each element of the weight.
+const UNFOLDED_NORM_PASSES: usize = 1;
 
 impl Conv {
     /// Whether folding a following batch norm into this convolution at an evaluation call on
     /// an input of `x_dims` costs less than normalising the output apart: the fold passes once
-    /// over the weight, the separate batch norm a few times over the output. So it pays at
+    /// over the weight, the separate batch norm once over the output. So it pays at
     /// large batches and in the early, wide layers, not for batch 1 in the late layers, whose
     /// weights are large and outputs small.
     pub fn fold_pays(&self, x_dims: &[usize]) -> bool {

@@ -1,12 +1,15 @@
 //! Batch normalisation (batch statistics while training, running statistics updated as
 //! PyTorch does: momentum 0.1 and the unbiased batch variance), layer normalisation and local
-//! response normalisation. Batch norm in training and layer norm are fused custom ops on our
-//! own CPU kernels ([`super::norm_kernel`]); the rest is differentiable candle primitives.
+//! response normalisation. Batch norm in training, batch norm in evaluation without gradients
+//! and layer norm are fused custom ops on our own CPU kernels ([`super::norm_kernel`]); the
+//! rest is differentiable candle primitives.
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail,
+};
 
 use super::activation::Clamp;
 use super::kernel::{Float, elements};
@@ -58,6 +61,14 @@ impl BatchNorm {
     /// statistics. Recorded for the backward pass when `grad`.
     pub fn forward(&self, x: &Tensor, train: bool, grad: bool) -> Result<Tensor> {
         let (w, b) = (&self.weight.read(grad), &self.bias.read(grad));
+        if !train && !grad && x.device().is_cpu() && x.rank() >= 2 {
+            let (scale, shift, clamp) = self.eval_affine()?;
+            return x.contiguous()?.apply_op1_no_bwd(&EvalNormOp {
+                scale: scale.to_dtype(DType::F64)?.to_vec1()?,
+                shift: shift.to_dtype(DType::F64)?.to_vec1()?,
+                clamp,
+            });
+        }
         if !train {
             let y = self.normalize_running(x, w, b)?;
             return match self.clamp {
@@ -209,6 +220,52 @@ macro_rules! by_dtype {
             other => bail!("batchnorm: only f32 and f64 are supported, got {other:?}"),
         }
     };
+}
+
+/// Evaluation-mode batch norm without gradients: `x·scale + shift` per channel (the layer's
+/// [`BatchNorm::eval_affine`]), then `clamp` if given, in one pass over the data. The
+/// differentiable path takes four broadcast ops (and a fifth for the activation), each a pass
+/// that allocates its output; this is what a batch norm that is not folded into the
+/// convolution before it costs in [`super::Network::infer`] (batch-1 inference's late layers).
+struct EvalNormOp {
+    scale: Vec<f64>,
+    shift: Vec<f64>,
+    clamp: Option<Clamp>,
+}
+
+impl EvalNormOp {
+    fn forward<T: Float>(&self, e: &Extent, x: (&CpuStorage, &Layout)) -> Result<Vec<T>> {
+        let x = elements::<T>(x.0, x.1)?;
+        let zero = vec![0.0; e.c];
+        Ok(norm_kernel::normalize(
+            e,
+            x,
+            &zero,
+            (&self.scale, &self.shift),
+            self.clamp,
+        ))
+    }
+}
+
+impl CustomOp1 for EvalNormOp {
+    fn name(&self) -> &'static str {
+        "dlc-batchnorm-eval"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(e) = Extent::of(l.dims()) else {
+            bail!("batchnorm: input must be [N, C, ...]");
+        };
+        if self.scale.len() != e.c {
+            bail!(
+                "batchnorm: {} channels, the input has {}",
+                self.scale.len(),
+                e.c
+            );
+        }
+        let y = by_dtype!(s.dtype(), self.forward(&e, (s, l)));
+        Ok((y, l.shape().clone()))
+    }
 }
 
 /// Training-mode batch norm of `(x, weight, bias)`, then `clamp` if given; leaves the batch
@@ -836,6 +893,43 @@ mod tests {
             &[x, inputs[0].clone(), inputs[1].clone()],
             1e-5,
         );
+    }
+
+    /// Evaluation without gradients (one pass, `EvalNormOp`) equals the differentiable
+    /// evaluation path, with and without a fused ReLU or ReLU6, on running statistics that a
+    /// training step moved off their initial values.
+    #[test]
+    fn evaluation_without_gradients_is_the_differentiable_evaluation() {
+        let dev = candle_core::Device::Cpu;
+        let x = (random(&[2, 3, 5, 6], 5) * 8.0).unwrap();
+        for clamp in [None, Some(Clamp::RELU), Some(Clamp::RELU6)] {
+            let mut state = State::new(&dev, DType::F64, Default::default(), 0);
+            let cfg = BatchNormCfg {
+                eps: 1e-5,
+                momentum: 0.5,
+            };
+            let mut bn = BatchNorm::new(&mut state, "bn", &cfg, 3).unwrap();
+            bn.weight.set(&(random(&[3], 2) + 4.0).unwrap()).unwrap();
+            bn.bias.set(&random(&[3], 3)).unwrap();
+            bn.forward(&(random(&[4, 3, 5, 6], 4) * 3.0).unwrap(), true, false)
+                .unwrap();
+            if let Some(c) = clamp {
+                bn = bn.then_clamp(c);
+            }
+            let fast = bn.forward(&x, false, false).unwrap();
+            let recorded = bn.forward(&x, false, true).unwrap();
+            let diff = max_abs_diff(&fast, &recorded);
+            assert!(diff < 1e-12, "{clamp:?}: {diff}");
+            let y: Vec<f64> = fast.flatten_all().unwrap().to_vec1().unwrap();
+            if clamp.is_some() {
+                assert!(y.contains(&0.0) && y.iter().any(|&v| v > 0.0), "{clamp:?}");
+            }
+            assert_eq!(
+                clamp == Some(Clamp::RELU6),
+                y.iter().all(|&v| v <= 6.0),
+                "{clamp:?}"
+            );
+        }
     }
 
     #[test]
