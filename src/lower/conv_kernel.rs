@@ -30,7 +30,7 @@ use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernel::{Float, sum, sum_zip, vectorized, zeroed};
+use super::kernel::{Float, gather, sum, sum_zip, vectorized, zeroed};
 use crate::ops::conv::{Conv2d, window_out};
 
 /// GEMM width (output positions) a chunk of samples aims for: narrower GEMMs run far below
@@ -1309,33 +1309,6 @@ fn weight_grad_direct<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
 
 // ---- vector helpers ----
 
-/// `dst[t] = src[t · stride]`.
-#[inline(always)]
-fn gather<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
-    match stride {
-        1 => dst.copy_from_slice(&src[..dst.len()]),
-        2 => gather_strided::<T, 2>(dst, src, 2),
-        _ => gather_strided::<T, 0>(dst, src, stride),
-    }
-}
-
-/// [`gather`] for `stride > 1`, fixed at compile time when `S > 0` (then `stride = S`): every
-/// element but the last from a whole `stride`-element chunk of `src`, where the last may
-/// have fewer after it. With `S = 2` the compiler loads whole vectors and shuffles the even
-/// elements out; `iter().step_by(2)` ran element by element, 3–5× slower over the rows of
-/// ResNet's stride-2 stem.
-#[inline(always)]
-fn gather_strided<T: Float, const S: usize>(dst: &mut [T], src: &[T], stride: usize) {
-    let stride = if S > 0 { S } else { stride };
-    let Some((last, body)) = dst.split_last_mut() else {
-        return;
-    };
-    *last = src[body.len() * stride];
-    for (d, chunk) in body.iter_mut().zip(src.chunks_exact(stride)) {
-        *d = chunk[0];
-    }
-}
-
 /// `dst[t · stride] = src[t]`.
 #[inline(always)]
 fn scatter<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
@@ -1385,23 +1358,6 @@ fn add<T: Float>(dst: &mut [T], src: &[T]) {
 mod tests {
     use super::*;
     use crate::lower::gradcheck::random;
-
-    /// `gather` takes every `stride`-th element for every stride and length, including a
-    /// source that ends right after the last element taken.
-    #[test]
-    fn gather_takes_every_stride_th_element() {
-        for stride in 1..5 {
-            for len in 0..40 {
-                let src: Vec<f32> = (0..(len.max(1) - 1) * stride + 1)
-                    .map(|v| v as f32)
-                    .collect();
-                let mut dst = vec![-1.0; len];
-                gather(&mut dst, &src, stride);
-                let want: Vec<f32> = (0..len).map(|t| (t * stride) as f32).collect();
-                assert_eq!(dst, want, "stride {stride}, {len} elements");
-            }
-        }
-    }
 
     /// `matmul_new` equals `matmul` into zeros, on every path of the GEMM: `k = 0` (zeros),
     /// `k ≤ 2`, matrix-vector products (`m = 1`, `n = 1`), small and blocked products, and

@@ -30,7 +30,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::activation::Pointwise;
-use super::kernel::{Float, elements, vectorized, zeroed};
+use super::kernel::{Float, elements, gather, vectorized, zeroed};
 use crate::ops::conv::window_out;
 use crate::ops::pool::{Pool2d, PoolKind};
 
@@ -253,24 +253,23 @@ fn is_nan<T: PartialOrd>(v: T) -> bool {
 /// Marks a window without input elements in the saved argmax.
 const NO_INPUT: u32 = u32::MAX;
 
-/// One output row of max pooling, over the input rows `r` of the row-major plane `x` of
-/// width `w`: the first maximum of each window, PyTorch's rule: a later element wins only if
-/// strictly greater, or NaN; −∞ for an empty window. `at` gets each maximum's position
-/// (`h · W + w` in the plane; the window's first element when all are −∞, [`NO_INPUT`] for
-/// an empty window).
+/// One output row of max pooling, over the input rows `r` of a plane of width `w`: the first
+/// maximum of each window, PyTorch's rule: a later element wins only if strictly greater, or
+/// NaN; −∞ for an empty window. `at` gets each maximum's position (`h · W + w` in the plane;
+/// the window's first element when all are −∞, [`NO_INPUT`] for an empty window).
 ///
-/// Each input row is split by the stride into phase rows padded with −∞ (`phases`, scratch),
-/// in which window column `dk` of every output is one contiguous run: the windows are then
-/// updated tap by tap, in window order, with vector compares and selects.
+/// `phases` holds the plane's rows split by the stride into phase rows of `len` elements
+/// ([`split_phases`]), in which window column `dk` of every output is one contiguous run: the
+/// windows are updated tap by tap, in window order, with vector compares and selects (inlined
+/// into the caller's [`vectorized`] pass over the plane).
 #[inline(always)]
 fn max_row<T: WithDType>(
-    x: &[T],
+    (phases, len): (&[T], usize),
     w: usize,
     r: &Span,
     g: &Geometry,
     out: &mut [T],
     at: &mut [u32],
-    phases: &mut Vec<T>,
 ) {
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
     for ((o, a), c) in out.iter_mut().zip(at.iter_mut()).zip(&g.cols) {
@@ -282,34 +281,48 @@ fn max_row<T: WithDType>(
         };
     }
     let (ow, s, pad) = (out.len(), g.sw, g.pw);
-    let len = ow + (g.kw - 1) / s + 1;
-    phases.resize(s * len, neg_inf);
+    let step = s as u32;
     for h in r.lo..r.hi {
-        let row = &x[h * w..][..w];
-        for (ph, dst) in phases.chunks_mut(len).enumerate() {
-            for (j, d) in dst.iter_mut().enumerate() {
-                let v = (j * s + ph).wrapping_sub(pad);
-                *d = if v < w { row[v] } else { neg_inf };
-            }
-        }
+        let row = &phases[h * s * len..][..s * len];
         for dk in 0..g.kw {
-            let run = &phases[(dk % s) * len + dk / s..][..ow];
+            let run = &row[(dk % s) * len + dk / s..][..ow];
             // Position of output j's element at this tap: (h·w + dk − pad) + j·s; only ever
             // kept for an input element, so its wrap-around for padding is never seen.
-            let base = (h * w + dk).wrapping_sub(pad) as u32;
-            vectorized(
-                #[inline(always)]
-                || {
-                    let step = s as u32;
-                    let mut pos = base;
-                    for ((o, a), &v) in out.iter_mut().zip(at.iter_mut()).zip(run) {
-                        let take = v > *o || is_nan(v);
-                        *o = if take { v } else { *o };
-                        *a = if take { pos } else { *a };
-                        pos = pos.wrapping_add(step);
-                    }
-                },
-            );
+            let mut pos = (h * w + dk).wrapping_sub(pad) as u32;
+            for ((o, a), &v) in out.iter_mut().zip(at.iter_mut()).zip(run) {
+                let take = v > *o || is_nan(v);
+                *o = if take { v } else { *o };
+                *a = if take { pos } else { *a };
+                pos = pos.wrapping_add(step);
+            }
+        }
+    }
+}
+
+/// Elements per phase row of [`split_phases`] for `ow` outputs per row: every window column
+/// `dk` reads `ow` of them from offset `dk / stride`.
+fn phase_len(g: &Geometry, ow: usize) -> usize {
+    ow + (g.kw - 1) / g.sw + 1
+}
+
+/// Splits each row of the plane `x` (width `w`) by the stride `s` into `s` phase rows of `len`
+/// elements: phase `ph` holds `x[j · s + ph − pad]` at `j`, −∞ outside the row. Once per
+/// plane, where [`max_row`] reads every input row for each of the one to `kh / s + 1` output
+/// rows whose windows hold it.
+#[inline(always)]
+fn split_phases<T: Float>(x: &[T], w: usize, g: &Geometry, len: usize, phases: &mut [T]) {
+    let (s, pad) = (g.sw, g.pw);
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    for (row, split) in x.chunks_exact(w).zip(phases.chunks_exact_mut(s * len)) {
+        for (ph, dst) in split.chunks_exact_mut(len).enumerate() {
+            // The j with 0 ≤ j·s + ph − pad < w.
+            let lo = pad.saturating_sub(ph).div_ceil(s).min(len);
+            let hi = (w + pad).saturating_sub(ph).div_ceil(s).clamp(lo, len);
+            dst[..lo].fill(neg_inf);
+            dst[hi..].fill(neg_inf);
+            if hi > lo {
+                gather(&mut dst[lo..hi], &row[lo * s + ph - pad..], s);
+            }
         }
     }
 }
@@ -434,7 +447,9 @@ fn forward<T: Float>(
         |plane, o, mut ix| {
             let x = &x[plane * h * w..][..h * w];
             let activated = if pre.is_some() { h * w } else { 0 };
-            T::with_scratch(activated + w, |buf| {
+            let len = phase_len(g, ow);
+            let rows_len = if g.max { h * g.sw * len } else { w };
+            T::with_scratch(activated + rows_len, |buf| {
                 let (fx, rows) = buf.split_at_mut(activated);
                 // The plane's activations, in one vectorised pass into scratch.
                 let x = match pre {
@@ -448,7 +463,7 @@ fn forward<T: Float>(
                     None => x,
                 };
                 if g.max {
-                    let (mut scratch, mut phases) = (Vec::new(), Vec::new());
+                    let mut scratch = Vec::new();
                     let at = match ix.as_deref_mut() {
                         Some(ix) => ix,
                         None => {
@@ -456,10 +471,16 @@ fn forward<T: Float>(
                             &mut scratch[..]
                         }
                     };
-                    for (i, r) in g.rows.iter().enumerate() {
-                        let (o, at) = (&mut o[i * ow..][..ow], &mut at[i * ow..][..ow]);
-                        max_row(x, w, r, g, o, at, &mut phases);
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            split_phases(x, w, g, len, rows);
+                            for (i, r) in g.rows.iter().enumerate() {
+                                let (o, at) = (&mut o[i * ow..][..ow], &mut at[i * ow..][..ow]);
+                                max_row((rows, len), w, r, g, o, at);
+                            }
+                        },
+                    );
                 } else {
                     vectorized(
                         #[inline(always)]
