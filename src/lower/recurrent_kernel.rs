@@ -249,12 +249,17 @@ fn forward<T: Gate>(d: Dims, x: &[T], w: &[T], state0: &[T]) -> (Vec<T>, Vec<T>)
     // this size (over 1 MiB for d2l's LSTM) came back from the allocator as new pages that the
     // kernel zeroes, at every call.
     T::with_scratch(panels * h * PANEL, |w_t| {
-        for (j, row) in w.chunks_exact(wc).enumerate() {
-            let panel = &mut w_t[j / PANEL * h * PANEL..][..h * PANEL];
-            for (c, &v) in row[d.i..][..h].iter().enumerate() {
-                panel[c * PANEL + j % PANEL] = v;
-            }
-        }
+        // Panel by panel on the pool, each written in order from its `PANEL` rows of `w`.
+        w_t.par_chunks_mut(h * PANEL)
+            .zip(w.par_chunks(PANEL * wc))
+            .for_each(|(panel, rows)| {
+                let width = rows.len() / wc;
+                for (c, out) in panel.chunks_exact_mut(PANEL).enumerate() {
+                    for (jj, v) in out[..width].iter_mut().enumerate() {
+                        *v = rows[jj * wc + d.i + c];
+                    }
+                }
+            });
         let w_t = &*w_t;
         let rows = d.block();
         let count = n.div_ceil(rows);
