@@ -13,12 +13,13 @@
 //! then per step does one GEMM `h W_hhᵀ` and one fused pass for the biases, the gate
 //! nonlinearities and the new state. The backward per step is one fused pass for the gradients
 //! of the gates' pre-activations and one GEMM `dgates · W_hh` for the previous state's
-//! gradient; `dW_ih`, `dW_hh` and the input's gradient are one GEMM each over all steps at the
-//! end, the biases' gradients column sums. Keeping the input projection inside the op keeps its
-//! `[N·T, gates·H]` gradient out of candle's backward, which would allocate, zero and add a
-//! buffer of that size for it. The forward's per-step GEMM reads a transposed copy of `W_hh`
-//! (made once per call), the layout in which `gemm` multiplies without repacking the weight at
-//! every step. Samples are independent, so the batch is cut into one block per thread of
+//! gradient; the weights' gradient (one GEMM for an LSTM or RNN, two and column sums for a GRU,
+//! see `weight_grad`) and the input's gradient are computed over all steps at the end. Keeping
+//! the input projection inside the op keeps its `[N·T, gates·H]` gradient out of candle's
+//! backward, which would allocate, zero and add a buffer of that size for it. The forward's
+//! per-step GEMM reads a transposed copy of `W_hh` in panels of [`PANEL`] columns (made once
+//! per call), the layout in which `gemm` multiplies without repacking the weight at every
+//! step. Samples are independent, so the batch is cut into one block per thread of
 //! rayon's pool and each block runs all its steps alone: no synchronisation per step, and each
 //! per-step GEMM single-threaded (at d2l's sizes, 16 × 1024 × 256 per step and thread; one
 //! block with both threads in each GEMM measured slower).
