@@ -17,7 +17,7 @@
 //! see `weight_grad`) and the input's gradient are computed over all steps at the end. Keeping
 //! the input projection inside the op keeps its `[N·T, gates·H]` gradient out of candle's
 //! backward, which would allocate, zero and add a buffer of that size for it. The forward's
-//! per-step GEMM reads a transposed copy of `W_hh` in panels of [`PANEL`] columns (made once
+//! per-step GEMM reads a transposed copy of `W_hh` in panels of `PANEL` columns (made once
 //! per call), the layout in which `gemm` multiplies without repacking the weight at every
 //! step. Samples are independent, so the batch is cut into one block per thread of
 //! rayon's pool and each block runs all its steps alone: no synchronisation per step, and each
