@@ -236,6 +236,7 @@ struct EvalNormOp {
 impl EvalNormOp {
     fn forward<T: Float>(&self, e: &Extent, x: (&CpuStorage, &Layout)) -> Result<Vec<T>> {
         let x = elements::<T>(x.0, x.1)?;
+        // The running mean is inside `shift` already.
         let zero = vec![0.0; e.c];
         Ok(norm_kernel::normalize(
             e,

@@ -545,8 +545,8 @@ fn backward<T: Gate>(
                 }
             });
         });
-    let gates: &[T] = if dgh.is_empty() { &dxp } else { &dgh };
-    let dw = weight_grad(d, x, (&dxp, gates, gp), state0, &out[..plane]);
+    let dgh = (!dgh.is_empty()).then_some(&dgh[..]);
+    let dw = weight_grad(d, x, (&dxp, dgh, gp), state0, &out[..plane]);
     let dx = input_grad.then(|| {
         // dx = dxp W_ih
         matmul_new((n * tt, d.i, g), (&dxp, gp, 1), (w, wc, 1), pool())
@@ -555,8 +555,8 @@ fn backward<T: Gate>(
 }
 
 /// `[dW_ih | dW_hh | db_hh | db_ih]` from the gradients of `x W_ihᵀ + b_ih` and of
-/// `h W_hhᵀ + b_hh` over all steps (`dxp`, `dgh`: `[N, T, gates·H]`, rows `gp` apart), the
-/// input `x` and the states `hs [N, T, H]`.
+/// `h W_hhᵀ + b_hh` over all steps (`dxp`, `dgh`: `[N, T, gates·H]`, rows `gp` apart; no
+/// `dgh` where it equals `dxp`), the input `x` and the states `hs [N, T, H]`.
 ///
 /// Each step's pre-activations are `[x | h_prev | 1 | 1] · [W_ih | W_hh | b_hh | b_ih]ᵀ`, so
 /// the rows `[x | h_prev | 1 | 1]` of all steps, `[N·T, I + H + 2]`, give the whole gradient
@@ -567,7 +567,7 @@ fn backward<T: Gate>(
 fn weight_grad<T: Gate>(
     d: Dims,
     x: &[T],
-    (dxp, dgh, gp): (&[T], &[T], usize),
+    (dxp, dgh, gp): (&[T], Option<&[T]>, usize),
     state0: &[T],
     hs: &[T],
 ) -> Vec<T> {
@@ -590,9 +590,9 @@ fn weight_grad<T: Gate>(
                 ones.fill(T::one());
             }
         });
-    if std::ptr::eq(dxp, dgh) {
+    let Some(dgh) = dgh else {
         return matmul_new((g, wc, n * tt), (dxp, 1, gp), (&rows, wc, 1), pool());
-    }
+    };
     let mut dw = zeroed(g * wc);
     // dW_hh from dgh, dW_ih from dxp, the biases' gradients their column sums.
     for (columns, grads) in [(i..i + h, dgh), (0..i, dxp)] {
