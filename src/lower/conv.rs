@@ -681,6 +681,8 @@ mod tests {
             (cfg(2, (2, 2), (3, 2), (0, 0), (1, 1), 1), [1, 1, 7, 5]),
             // enough channels and pixels for one GEMM per tap (`Algorithm::Shifted`)
             (cfg(2, (3, 3), (1, 1), (1, 1), (1, 1), 1), [2, 16, 18, 18]),
+            // and for Winograd's F(2×2, 3×3) (`Algorithm::Winograd`)
+            (cfg(16, (3, 3), (1, 1), (1, 1), (1, 1), 1), [1, 16, 10, 10]),
         ]
     }
 

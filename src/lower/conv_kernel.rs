@@ -2,7 +2,7 @@
 //! pass and the gradients of the input, the weight and the bias, each computed on its own so
 //! that a gradient nobody needs costs nothing.
 //!
-//! Three algorithms:
+//! Four algorithms:
 //! - **im2col + GEMM**, the general one. The windows of a chunk of samples are unrolled into a
 //!   `[C/groups · kh · kw, samples · H'·W']` matrix in a per-thread scratch buffer, and one GEMM
 //!   per group (the `gemm` crate, candle's own) computes the output, the unrolled input gradient
@@ -12,6 +12,9 @@
 //!   short output rows unroll through a table ([`Unroll`]).
 //! - **Shifted taps** for stride-1 convolutions whose padding adds few columns: one GEMM per
 //!   kernel tap on a shifted view of the padded input, nothing unrolled (see [`Shifts`]).
+//! - **Winograd's F(2×2, 3×3)** for 3×3, stride-1 convolutions of at least 16 channels on
+//!   planes that whole 2×2 tiles cover with little waste (ResNet's 3×3 layers): 16 GEMMs on
+//!   transformed tiles, 16 multiplications per tile where im2col takes 36 ([`winograd`]).
 //! - **Direct loops** for depthwise convolution (one input channel per group, several groups),
 //!   where each group's GEMM would have a single row: each output plane is a sum of shifted,
 //!   scaled copies of its input plane, split by the stride into phase planes so that every
@@ -32,6 +35,8 @@ use rayon::prelude::*;
 
 use super::kernel::{Float, gather, sum, sum_zip, vectorized, zeroed};
 use crate::ops::conv::{Conv2d, window_out};
+
+mod winograd;
 
 /// GEMM width (output positions) a chunk of samples aims for: narrower GEMMs run far below
 /// the machine's peak, wider ones only need more scratch memory.
@@ -208,6 +213,9 @@ pub(crate) enum Algorithm {
     /// One GEMM per kernel tap on shifted views of the padded input; only for stride 1 and
     /// one group.
     Shifted,
+    /// Winograd's F(2×2, 3×3): 16 GEMMs on transformed tiles; only for 3×3 kernels, stride
+    /// and dilation 1, one group, padding at most 2 ([`winograd`]).
+    Winograd,
 }
 
 impl Algorithm {
@@ -215,6 +223,8 @@ impl Algorithm {
     pub fn choose(g: &Geometry) -> Algorithm {
         if g.cg() == 1 && g.groups > 1 {
             Algorithm::Direct
+        } else if winograd::pays(g) {
+            Algorithm::Winograd
         } else if Shifts::pay(g) {
             Algorithm::Shifted
         } else {
@@ -240,6 +250,7 @@ pub(crate) fn forward<T: Float>(
         Algorithm::Gemm => forward_gemm(g, x, w, b),
         Algorithm::Direct => forward_direct(g, x, w, b),
         Algorithm::Shifted => forward_shifted(g, x, w, b),
+        Algorithm::Winograd => winograd::forward(g, x, w, b),
     }
 }
 
@@ -251,6 +262,7 @@ pub(crate) fn input_grad<T: Float>(g: &Geometry, alg: Algorithm, dy: &[T], w: &[
         Algorithm::Gemm => input_grad_gemm(g, dy, w),
         Algorithm::Direct => input_grad_direct(g, dy, w),
         Algorithm::Shifted => input_grad_shifted(g, dy, w),
+        Algorithm::Winograd => winograd::input_grad(g, dy, w),
     }
 }
 
@@ -263,6 +275,7 @@ pub(crate) fn weight_grad<T: Float>(g: &Geometry, alg: Algorithm, x: &[T], dy: &
         Algorithm::Gemm => weight_grad_gemm(g, x, dy),
         Algorithm::Direct => weight_grad_direct(g, x, dy),
         Algorithm::Shifted => weight_grad_shifted(g, x, dy),
+        Algorithm::Winograd => winograd::weight_grad(g, x, dy),
     }
 }
 
@@ -757,7 +770,7 @@ fn input_grad_gemm<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
 fn weight_grad_gemm<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
     let unroll = Unroll::new(g);
-    sum_over_chunks(g, &Plan::new(g), |s0, bs, dw, par| {
+    sum_over_chunks(g.n, g.o * g.ck(), &Plan::new(g), |s0, bs, dw, par| {
         let cols = bs * ohw;
         let direct = g.pointwise() && bs == 1;
         let col_len = if direct { 0 } else { ck * cols };
@@ -795,27 +808,28 @@ fn weight_grad_gemm<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     })
 }
 
-/// The weight gradient `[o, ck]` summed over the plan's chunks: `add_chunk(s0, bs, dw, par)` adds
-/// the gradient of the `bs` samples from `s0` on to `dw`. Chunks are dealt to at most
+/// A weight gradient of `len` elements summed over the plan's chunks of `n` samples:
+/// `add_chunk(s0, bs, dw, par)` adds the gradient of the `bs` samples from `s0` on to `dw`. Chunks are dealt to at most
 /// `threads` workers, in runs of consecutive chunks; each worker sums its chunks into a
 /// partial gradient, and the partials are added in order, so the result does not depend on
 /// thread scheduling.
 fn sum_over_chunks<T: Float>(
-    g: &Geometry,
+    n: usize,
+    len: usize,
     plan: &Plan,
     add_chunk: impl Fn(usize, usize, &mut [T], Parallelism) + Sync,
 ) -> Vec<T> {
-    if g.n == 0 {
-        return zeroed(g.o * g.ck());
+    if n == 0 {
+        return zeroed(len);
     }
     let per_worker = plan.chunks.div_ceil(plan.threads);
     let workers = plan.chunks.div_ceil(per_worker);
     let par = plan.gemm_par(workers > 1);
     let partial = |worker: usize| -> Vec<T> {
-        let mut dw = zeroed(g.o * g.ck());
+        let mut dw = zeroed(len);
         for chunk in worker * per_worker..((worker + 1) * per_worker).min(plan.chunks) {
             let s0 = chunk * plan.chunk;
-            add_chunk(s0, plan.chunk.min(g.n - s0), &mut dw, par);
+            add_chunk(s0, plan.chunk.min(n - s0), &mut dw, par);
         }
         dw
     };
@@ -1045,7 +1059,7 @@ fn input_grad_shifted<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
 fn weight_grad_shifted<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let sh = Shifts::new(g);
     let (c, o, kk) = (g.c, g.o, g.kh * g.kw);
-    sum_over_chunks(g, &sh.plan(g), |s0, bs, dw, par| {
+    sum_over_chunks(g.n, g.o * g.ck(), &sh.plan(g), |s0, bs, dw, par| {
         let x = &x[s0 * c * g.hw()..][..bs * c * g.hw()];
         let dy = &dy[s0 * o * g.ohw()..][..bs * o * g.ohw()];
         sh.with_buffers(g, bs, |span, xp, wide| {
@@ -1494,14 +1508,54 @@ mod tests {
         }
     }
 
+    /// Winograd's F(2×2, 3×3) equals im2col + GEMM: odd and even planes (tiles past the
+    /// edge), every padding from 0 to 2 and different ones along H and W, planes smaller than
+    /// a tile, one sample (the pool shares each chunk) and many (chunks in parallel).
     #[test]
-    fn shifted_taps_are_chosen_where_padding_adds_little() {
-        let cfg = |k, s, p| Conv2d {
+    fn winograd_agrees_with_im2col() {
+        let cfg = |out, p: (u64, u64), bias| Conv2d {
+            out,
+            kernel: (3, 3),
+            stride: (1, 1),
+            pad: p,
+            dilation: (1, 1),
+            groups: 1,
+            bias,
+        };
+        for (c, x) in [
+            (cfg(5, (1, 1), true), [3, 4, 9, 7]),
+            (cfg(3, (0, 0), false), [2, 6, 8, 8]),
+            (cfg(4, (2, 2), true), [2, 3, 5, 6]),
+            (cfg(6, (2, 0), true), [4, 2, 7, 9]),
+            (cfg(2, (0, 1), false), [2, 3, 3, 4]),
+            (cfg(3, (1, 2), true), [2, 2, 1, 2]),
+            (cfg(4, (1, 1), true), [70, 3, 4, 4]),
+            (cfg(17, (1, 1), true), [1, 18, 12, 10]),
+            (cfg(16, (1, 1), false), [5, 16, 6, 6]),
+        ] {
+            let w = [c.out as usize, x[1], 3, 3];
+            let g = Geometry::new(&c, &x, &w).unwrap();
+            let (xs, ws, bs) = (data(&x, 1), data(&w, 2), data(&[g.o], 3));
+            let dy = data(&[g.n, g.o, g.oh, g.ow], 4);
+            let b = c.bias.then_some(&bs[..]);
+            let [a, e] = [Algorithm::Winograd, Algorithm::Gemm];
+            let d = max_diff(&forward(&g, a, &xs, &ws, b), &forward(&g, e, &xs, &ws, b));
+            assert!(d < 1e-13, "forward {c:?} {x:?}: {d}");
+            let d = max_diff(&input_grad(&g, a, &dy, &ws), &input_grad(&g, e, &dy, &ws));
+            assert!(d < 1e-13, "input gradient {c:?} {x:?}: {d}");
+            let d = max_diff(&weight_grad(&g, a, &xs, &dy), &weight_grad(&g, e, &xs, &dy));
+            assert!(d < 1e-12, "weight gradient {c:?} {x:?}: {d}");
+        }
+    }
+
+    #[test]
+    fn each_algorithm_is_chosen_where_it_is_fastest() {
+        let cfg = |k, s, p, d| Conv2d {
             out: 64,
             kernel: (k, k),
             stride: (s, s),
             pad: (p, p),
-            dilation: (1, 1),
+            dilation: (d, d),
             groups: 1,
             bias: false,
         };
@@ -1509,11 +1563,18 @@ mod tests {
             let w = [64, x[1], c.kernel.0 as usize, c.kernel.1 as usize];
             Algorithm::choose(&Geometry::new(&c, &x, &w).unwrap())
         };
-        assert_eq!(choose(cfg(3, 1, 1), [32, 64, 24, 24]), Algorithm::Shifted);
-        assert_eq!(choose(cfg(3, 1, 1), [32, 64, 12, 12]), Algorithm::Gemm);
-        assert_eq!(choose(cfg(3, 2, 1), [32, 64, 24, 24]), Algorithm::Gemm);
-        assert_eq!(choose(cfg(3, 1, 1), [32, 3, 24, 24]), Algorithm::Gemm);
-        assert_eq!(choose(cfg(1, 1, 0), [32, 64, 24, 24]), Algorithm::Gemm);
+        use Algorithm::{Gemm, Shifted, Winograd};
+        // ResNet-18's 3×3 layers at 96×96: Winograd where whole tiles cover the planes.
+        assert_eq!(choose(cfg(3, 1, 1, 1), [32, 64, 24, 24]), Winograd);
+        assert_eq!(choose(cfg(3, 1, 1, 1), [32, 64, 12, 12]), Winograd);
+        assert_eq!(choose(cfg(3, 1, 1, 1), [32, 64, 6, 6]), Gemm);
+        assert_eq!(choose(cfg(3, 1, 1, 1), [32, 64, 3, 3]), Gemm);
+        // Shifted taps where Winograd does not apply and padding adds little.
+        assert_eq!(choose(cfg(3, 1, 2, 2), [32, 64, 48, 48]), Shifted);
+        assert_eq!(choose(cfg(3, 1, 2, 2), [32, 64, 12, 12]), Gemm);
+        assert_eq!(choose(cfg(3, 2, 1, 1), [32, 64, 24, 24]), Gemm);
+        assert_eq!(choose(cfg(3, 1, 1, 1), [32, 3, 24, 24]), Gemm);
+        assert_eq!(choose(cfg(1, 1, 0, 1), [32, 64, 24, 24]), Gemm);
     }
 
     #[test]
