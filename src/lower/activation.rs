@@ -9,9 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
 };
-use rayon::prelude::*;
 
-use super::kernel::{Float, elements, vectorized, zeroed};
+use super::kernel::{Float, elements, par_chunks_zeroed, vectorized};
 use crate::ops::activation::Activation;
 
 /// Applies an activation; every one has a correct backward (checked below).
@@ -81,16 +80,13 @@ impl Pointwise {
 
     /// `f` over `x`, in parallel chunks of [`Self::apply_into`].
     fn forward<T: Float>(self, x: &[T]) -> Vec<T> {
-        let mut out = zeroed(x.len());
-        out.par_chunks_mut(POINTWISE_CHUNK)
-            .zip(x.par_chunks(POINTWISE_CHUNK))
-            .for_each(|(o, x)| {
-                vectorized(
-                    #[inline(always)]
-                    || self.apply_into(x, o),
-                )
-            });
-        out
+        par_chunks_zeroed(x.len(), POINTWISE_CHUNK, |k, o| {
+            let x = &x[k * POINTWISE_CHUNK..][..o.len()];
+            vectorized(
+                #[inline(always)]
+                || self.apply_into(x, o),
+            )
+        })
     }
 
     /// `dL/dx = dL/dy · f'(x)` from the output `y`. Each arm is its own loop with the
@@ -155,23 +151,19 @@ const POINTWISE_CHUNK: usize = 1 << 14;
 
 /// `out[i] = f(a[i], b[i])`, in parallel chunks.
 fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = zeroed(a.len());
-    out.par_chunks_mut(POINTWISE_CHUNK)
-        .enumerate()
-        .for_each(|(k, o)| {
-            let start = k * POINTWISE_CHUNK;
-            let a = &a[start..][..o.len()];
-            let b = &b[start..][..o.len()];
-            vectorized(
-                #[inline(always)]
-                || {
-                    for ((o, &u), &v) in o.iter_mut().zip(a).zip(b) {
-                        *o = f(u, v);
-                    }
-                },
-            )
-        });
-    out
+    par_chunks_zeroed(a.len(), POINTWISE_CHUNK, |k, o| {
+        let start = k * POINTWISE_CHUNK;
+        let a = &a[start..][..o.len()];
+        let b = &b[start..][..o.len()];
+        vectorized(
+            #[inline(always)]
+            || {
+                for ((o, &u), &v) in o.iter_mut().zip(a).zip(b) {
+                    *o = f(u, v);
+                }
+            },
+        )
+    })
 }
 
 /// `y = f(x)`; its backward is [`PointwiseGrad`].

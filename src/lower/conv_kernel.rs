@@ -33,7 +33,7 @@ use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernel::{Float, gather, sum, sum_zip, vectorized, zeroed};
+use super::kernel::{Float, gather, par_chunks_zeroed, sum, sum_zip, vectorized, zeroed};
 use crate::ops::conv::{Conv2d, window_out};
 
 mod winograd;
@@ -1211,37 +1211,33 @@ fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> 
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
-    let mut y = zeroed(g.n * g.o * ohw);
     if ohw == 0 {
-        return y;
+        return Vec::new();
     }
     // One task per input plane `(s, ci)`: its `og` output planes are consecutive in `y`.
-    y.par_chunks_mut(og * ohw)
-        .enumerate()
-        .for_each(|(plane, ys)| {
-            let phase_len = p.len(g);
-            T::with_scratch(phase_len + p.span, |buf| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let (phases, wide) = buf.split_at_mut(phase_len);
-                        p.split(g, &x[plane * hw..][..hw], phases);
-                        for (k, yp) in ys.chunks_mut(ohw).enumerate() {
-                            let o = (plane % g.c) * og + k;
-                            wide.fill(b.map_or(T::zero(), |b| b[o]));
-                            for i in 0..g.kh {
-                                for j in 0..g.kw {
-                                    let src = &phases[p.tap(g, i, j)..][..p.span];
-                                    axpy(wide, w[o * kk + i * g.kw + j], src);
-                                }
+    par_chunks_zeroed(g.n * g.o * ohw, og * ohw, |plane, ys| {
+        let phase_len = p.len(g);
+        T::with_scratch(phase_len + p.span, |buf| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (phases, wide) = buf.split_at_mut(phase_len);
+                    p.split(g, &x[plane * hw..][..hw], phases);
+                    for (k, yp) in ys.chunks_mut(ohw).enumerate() {
+                        let o = (plane % g.c) * og + k;
+                        wide.fill(b.map_or(T::zero(), |b| b[o]));
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let src = &phases[p.tap(g, i, j)..][..p.span];
+                                axpy(wide, w[o * kk + i * g.kw + j], src);
                             }
-                            p.narrow(g, wide, yp);
                         }
-                    },
-                )
-            });
+                        p.narrow(g, wide, yp);
+                    }
+                },
+            )
         });
-    y
+    })
 }
 
 fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
@@ -1252,11 +1248,10 @@ fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
-    let mut dx = zeroed(g.n * g.c * hw);
     if hw == 0 {
-        return dx;
+        return Vec::new();
     }
-    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
+    par_chunks_zeroed(g.n * g.c * hw, hw, |plane, dxp| {
         let phase_len = p.len(g);
         T::with_scratch(phase_len + p.span, |buf| {
             vectorized(
@@ -1278,8 +1273,7 @@ fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
                 },
             )
         });
-    });
-    dx
+    })
 }
 
 fn weight_grad_direct<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {

@@ -149,6 +149,32 @@ pub(crate) fn zeroed<T: Float>(len: usize) -> Vec<T> {
     v
 }
 
+/// A vector of `len` elements filled in parallel chunks of `chunk` elements: `f(k, out)` gets
+/// chunk `k` zeroed and fills it (or adds to it). Each chunk is zeroed by the task that fills
+/// it, just before, while it is in that core's cache: zeroing the whole buffer first
+/// ([`zeroed`]) is a pass over memory of its own, and for the activations of a large layer
+/// (28 MB for MobileNetV2's [32, 96, 48, 48]) it leaves none of them in cache.
+pub(crate) fn par_chunks_zeroed<T: Float>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(k, part)| {
+            part.fill(MaybeUninit::new(T::zero()));
+            // SAFETY: every element of `part` was initialised on the line above, and
+            // `MaybeUninit<T>` has the layout of `T`.
+            let part = unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) };
+            f(k, part);
+        });
+    // SAFETY: the chunks cover all `len` elements, and each was initialised by its task.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// `dst[t] = src[t · stride]`.
 #[inline(always)]
 pub(crate) fn gather<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
@@ -213,6 +239,22 @@ mod tests {
         }
     }
 
+    /// `par_chunks_zeroed` hands every chunk over zeroed (the last one shorter), with its
+    /// index, and keeps what each task wrote.
+    #[test]
+    fn par_chunks_zeroed_fills_every_chunk() {
+        for (len, chunk) in [(0, 4), (1, 4), (10, 4), (12, 4), (100_003, 1 << 14)] {
+            let v = par_chunks_zeroed::<f64>(len, chunk, |k, part| {
+                assert!(part.iter().all(|&x| x == 0.0));
+                assert!(part.len() == chunk || (k + 1) * chunk >= len);
+                for (i, x) in part.iter_mut().enumerate() {
+                    *x = (k * chunk + i) as f64;
+                }
+            });
+            assert_eq!(v, (0..len).map(|i| i as f64).collect::<Vec<_>>());
+        }
+    }
+
     /// `gather` takes every `stride`-th element for every stride and length, including a
     /// source that ends right after the last element taken.
     #[test]
@@ -246,3 +288,4 @@ mod tests {
         assert!(exp_f32(89.0).is_infinite());
     }
 }
+

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::activation::Clamp;
-use super::kernel::{Float, sum, sum_zip, vectorized, zeroed};
+use super::kernel::{Float, par_chunks_zeroed, sum, sum_zip, vectorized, zeroed};
 
 /// The extent of one batch-norm call: `n` samples, `c` channels, `s` elements per channel and
 /// sample.
@@ -100,11 +100,10 @@ pub(crate) fn normalize<T: Float>(
     clamp: Option<Clamp>,
 ) -> Vec<T> {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
-    let mut y = zeroed(e.len());
     if e.s == 0 {
-        return y;
+        return Vec::new();
     }
-    y.par_chunks_mut(e.s).enumerate().for_each(|(r, yr)| {
+    par_chunks_zeroed(e.len(), e.s, |r, yr| {
         vectorized(
             #[inline(always)]
             || {
@@ -130,8 +129,7 @@ pub(crate) fn normalize<T: Float>(
                 }
             },
         )
-    });
-    y
+    })
 }
 
 /// Per channel, `Σ dy` and `Σ dy · (x − mean)`.
@@ -214,11 +212,10 @@ pub(crate) fn input_grad<T: Float>(
 ) -> Vec<T> {
     assert_eq!(x.len(), e.len(), "batch norm: input has the wrong size");
     assert_eq!(dy.len(), e.len(), "batch norm: gradient has the wrong size");
-    let mut dx = zeroed(e.len());
     if e.s == 0 {
-        return dx;
+        return Vec::new();
     }
-    dx.par_chunks_mut(e.s).enumerate().for_each(|(r, dxr)| {
+    par_chunks_zeroed(e.len(), e.s, |r, dxr| {
         vectorized(
             #[inline(always)]
             || {
@@ -245,8 +242,7 @@ pub(crate) fn input_grad<T: Float>(
                 }
             },
         )
-    });
-    dx
+    })
 }
 
 /// Layer norm over contiguous rows of `d` elements (the last axis): `y = x̂ · w + b` with
