@@ -357,28 +357,31 @@ impl Plan {
     }
 }
 
-/// Runs `f(first_sample, out_chunk)` on each chunk of `out` (`per_sample` elements per sample),
-/// in parallel when the plan says so; `f` gets the GEMM parallelism to use.
-fn for_each_chunk<T: Float>(
-    out: &mut [T],
+/// A vector of `n · per_sample` elements (`per_sample` per sample) filled chunk by chunk:
+/// `f(first_sample, out_chunk, par)` on each chunk of the plan's samples, handed over zeroed,
+/// in parallel when the plan says so (each chunk then zeroed by the task that fills it, see
+/// [`par_chunks_zeroed`]); `f` gets the GEMM parallelism to use.
+fn fill_chunks<T: Float>(
+    n: usize,
     per_sample: usize,
     plan: &Plan,
     f: impl Fn(usize, &mut [T], Parallelism) + Sync,
-) {
-    if out.is_empty() {
-        return;
+) -> Vec<T> {
+    let len = n * per_sample;
+    if len == 0 {
+        return Vec::new();
     }
     let step = plan.chunk * per_sample;
     if plan.parallel_chunks() {
         let par = plan.gemm_par(true);
-        out.par_chunks_mut(step)
-            .enumerate()
-            .for_each(|(i, o)| f(i * plan.chunk, o, par));
+        par_chunks_zeroed(len, step, |i, o| f(i * plan.chunk, o, par))
     } else {
         let par = plan.gemm_par(false);
+        let mut out = zeroed(len);
         out.chunks_mut(step)
             .enumerate()
             .for_each(|(i, o)| f(i * plan.chunk, o, par));
+        out
     }
 }
 
@@ -659,8 +662,7 @@ fn forward_gemm<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Ve
     let plan = Plan::new(g);
     let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
     let unroll = Unroll::new(g);
-    let mut y = zeroed(g.n * g.o * ohw);
-    for_each_chunk(&mut y, g.o * ohw, &plan, |s0, y, par| {
+    fill_chunks(g.n, g.o * ohw, &plan, |s0, y, par| {
         let bs = y.len() / (g.o * ohw);
         let cols = bs * ohw;
         let direct = g.pointwise() && bs == 1;
@@ -719,16 +721,14 @@ fn forward_gemm<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Ve
                 }
             }
         });
-    });
-    y
+    })
 }
 
 fn input_grad_gemm<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     let plan = Plan::new(g);
     let (cg, og, ck, hw, ohw) = (g.cg(), g.og(), g.ck(), g.hw(), g.ohw());
     let unroll = Unroll::new(g);
-    let mut dx = zeroed(g.n * g.c * hw);
-    for_each_chunk(&mut dx, g.c * hw, &plan, |s0, dx, par| {
+    fill_chunks(g.n, g.c * hw, &plan, |s0, dx, par| {
         let bs = dx.len() / (g.c * hw);
         let cols = bs * ohw;
         let direct = g.pointwise() && bs == 1;
@@ -763,8 +763,7 @@ fn input_grad_gemm<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
                 }
             }
         });
-    });
-    dx
+    })
 }
 
 fn weight_grad_gemm<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
@@ -999,8 +998,7 @@ fn forward_shifted<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) ->
     let sh = Shifts::new(g);
     let plan = sh.plan(g);
     let (c, o, kk) = (g.c, g.o, g.kh * g.kw);
-    let mut y = zeroed(g.n * o * g.ohw());
-    for_each_chunk(&mut y, o * g.ohw(), &plan, |s0, y, par| {
+    fill_chunks(g.n, o * g.ohw(), &plan, |s0, y, par| {
         let bs = y.len() / (o * g.ohw());
         let x = &x[s0 * c * g.hw()..][..bs * c * g.hw()];
         sh.with_buffers(g, bs, |span, xp, wide| {
@@ -1024,16 +1022,14 @@ fn forward_shifted<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) ->
             });
             sh.narrow(g, wide, o, bs, y);
         });
-    });
-    y
+    })
 }
 
 fn input_grad_shifted<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
     let sh = Shifts::new(g);
     let plan = sh.plan(g);
     let (c, o, kk) = (g.c, g.o, g.kh * g.kw);
-    let mut dx = zeroed(g.n * c * g.hw());
-    for_each_chunk(&mut dx, c * g.hw(), &plan, |s0, dx, par| {
+    fill_chunks(g.n, c * g.hw(), &plan, |s0, dx, par| {
         let bs = dx.len() / (c * g.hw());
         let dy = &dy[s0 * o * g.ohw()..][..bs * o * g.ohw()];
         sh.with_buffers(g, bs, |span, dxp, wide| {
@@ -1052,8 +1048,7 @@ fn input_grad_shifted<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
             }
             sh.unpad(g, dxp, bs, dx);
         });
-    });
-    dx
+    })
 }
 
 fn weight_grad_shifted<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {

@@ -288,4 +288,3 @@ mod tests {
         assert!(exp_f32(89.0).is_infinite());
     }
 }
-

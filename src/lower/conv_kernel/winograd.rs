@@ -40,7 +40,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{Geometry, Plan, for_each_chunk, matmul, sum_over_chunks};
+use super::{Geometry, Plan, fill_chunks, matmul, sum_over_chunks};
 use crate::lower::kernel::{Float, gather, vectorized, zeroed};
 
 /// Positions of a transformed (4×4) tile.
@@ -253,8 +253,7 @@ fn kernel_of<T: Float>(m: [T; XI]) -> [T; 9] {
 fn convolve<T: Float>(g: &Geometry, x: &[T], u: &[T], b: Option<&[T]>) -> Vec<T> {
     let t = Tiles::new(g);
     let (c, o) = (g.c, g.o);
-    let mut y = zeroed(g.n * o * g.ohw());
-    for_each_chunk(&mut y, o * g.ohw(), &t.plan(g), |s0, y, par| {
+    fill_chunks(g.n, o * g.ohw(), &t.plan(g), |s0, y, par| {
         let bs = y.len() / (o * g.ohw());
         let cols = bs * t.per_sample();
         let pool = matches!(par, Parallelism::Rayon(_));
@@ -275,8 +274,7 @@ fn convolve<T: Float>(g: &Geometry, x: &[T], u: &[T], b: Option<&[T]>) -> Vec<T>
             });
             transform_output(g, t, m, bs, b, y, pool);
         });
-    });
-    y
+    })
 }
 
 /// Runs `f(k, block)` on the consecutive `len`-element blocks of `data`, on the pool or in turn.
