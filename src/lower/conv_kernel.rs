@@ -1477,24 +1477,30 @@ mod tests {
             // one sample: the output channels are split between the threads
             (cfg(9, (3, 3), (1, 1), (1, 1), true), [1, 5, 8, 6]),
         ] {
-            let w = [
-                c.out as usize,
-                x[1],
-                c.kernel.0 as usize,
-                c.kernel.1 as usize,
-            ];
-            let g = Geometry::new(&c, &x, &w).unwrap();
-            let (xs, ws, bs) = (data(&x, 1), data(&w, 2), data(&[g.o], 3));
-            let dy = data(&[g.n, g.o, g.oh, g.ow], 4);
-            let b = c.bias.then_some(&bs[..]);
-            let [a, e] = [Algorithm::Shifted, Algorithm::Gemm];
-            let d = max_diff(&forward(&g, a, &xs, &ws, b), &forward(&g, e, &xs, &ws, b));
-            assert!(d < 1e-13, "forward {c:?}: {d}");
-            let d = max_diff(&input_grad(&g, a, &dy, &ws), &input_grad(&g, e, &dy, &ws));
-            assert!(d < 1e-13, "input gradient {c:?}: {d}");
-            let d = max_diff(&weight_grad(&g, a, &xs, &dy), &weight_grad(&g, e, &xs, &dy));
-            assert!(d < 1e-12, "weight gradient {c:?}: {d}");
+            agrees_with_im2col(Algorithm::Shifted, &c, x);
         }
+    }
+
+    /// Asserts that `alg` computes the output and the gradients of the input and the weight
+    /// of `c` (one group) on an input of dims `x` as im2col + GEMM does, in f64.
+    fn agrees_with_im2col(alg: Algorithm, c: &Conv2d, x: [usize; 4]) {
+        let w = [
+            c.out as usize,
+            x[1],
+            c.kernel.0 as usize,
+            c.kernel.1 as usize,
+        ];
+        let g = Geometry::new(c, &x, &w).unwrap();
+        let (xs, ws, bs) = (data(&x, 1), data(&w, 2), data(&[g.o], 3));
+        let dy = data(&[g.n, g.o, g.oh, g.ow], 4);
+        let b = c.bias.then_some(&bs[..]);
+        let (a, e) = (alg, Algorithm::Gemm);
+        let d = max_diff(&forward(&g, a, &xs, &ws, b), &forward(&g, e, &xs, &ws, b));
+        assert!(d < 1e-13, "{alg:?} forward {c:?} {x:?}: {d}");
+        let d = max_diff(&input_grad(&g, a, &dy, &ws), &input_grad(&g, e, &dy, &ws));
+        assert!(d < 1e-13, "{alg:?} input gradient {c:?} {x:?}: {d}");
+        let d = max_diff(&weight_grad(&g, a, &xs, &dy), &weight_grad(&g, e, &xs, &dy));
+        assert!(d < 1e-12, "{alg:?} weight gradient {c:?} {x:?}: {d}");
     }
 
     /// Winograd's F(2×2, 3×3) equals im2col + GEMM: odd and even planes (tiles past the
@@ -1522,18 +1528,7 @@ mod tests {
             (cfg(17, (1, 1), true), [1, 18, 12, 10]),
             (cfg(16, (1, 1), false), [5, 16, 6, 6]),
         ] {
-            let w = [c.out as usize, x[1], 3, 3];
-            let g = Geometry::new(&c, &x, &w).unwrap();
-            let (xs, ws, bs) = (data(&x, 1), data(&w, 2), data(&[g.o], 3));
-            let dy = data(&[g.n, g.o, g.oh, g.ow], 4);
-            let b = c.bias.then_some(&bs[..]);
-            let [a, e] = [Algorithm::Winograd, Algorithm::Gemm];
-            let d = max_diff(&forward(&g, a, &xs, &ws, b), &forward(&g, e, &xs, &ws, b));
-            assert!(d < 1e-13, "forward {c:?} {x:?}: {d}");
-            let d = max_diff(&input_grad(&g, a, &dy, &ws), &input_grad(&g, e, &dy, &ws));
-            assert!(d < 1e-13, "input gradient {c:?} {x:?}: {d}");
-            let d = max_diff(&weight_grad(&g, a, &xs, &dy), &weight_grad(&g, e, &xs, &dy));
-            assert!(d < 1e-12, "weight gradient {c:?} {x:?}: {d}");
+            agrees_with_im2col(Algorithm::Winograd, &c, x);
         }
     }
 
