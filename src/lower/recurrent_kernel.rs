@@ -13,8 +13,10 @@
 //! then per step does one GEMM `h W_hhᵀ` and one fused pass for the biases, the gate
 //! nonlinearities and the new state. The backward per step is one fused pass for the gradients
 //! of the gates' pre-activations and one GEMM `dgates · W_hh` for the previous state's
-//! gradient; the weights' gradient (one GEMM for an LSTM or RNN, two and column sums for a GRU,
-//! see `weight_grad`) and the input's gradient are computed over all steps at the end. Keeping
+//! gradient; each block of samples then computes its share of the weights' gradient on its own
+//! thread, while its gates' gradients are in that core's cache (one GEMM for an LSTM or RNN,
+//! two and column sums for a GRU, see `weight_grad`; the shares are added in block order),
+//! and the input's gradient is computed over all steps at the end. Keeping
 //! the input projection inside the op keeps its `[N·T, gates·H]` gradient out of candle's
 //! backward, which would allocate, zero and add a buffer of that size for it. The forward's
 //! per-step GEMM reads a transposed copy of `W_hh` in panels of `PANEL` columns (made once
@@ -469,8 +471,9 @@ fn backward<T: Gate>(
         .zip(dc0)
         .enumerate()
         .collect();
-    jobs.into_par_iter()
-        .for_each(|(b, (((dx, dg), dh0), dc0))| {
+    let parts: Vec<Vec<T>> = jobs
+        .into_par_iter()
+        .map(|(b, (((dx, dg), dh0), dc0))| {
             let (r0, m) = (b * rows, rows.min(n - b * rows));
             T::with_scratch(2 * m * h, |scratch| {
                 let (dh, dc) = scratch.split_at_mut(m * h);
@@ -544,9 +547,32 @@ fn backward<T: Gate>(
                     dc0.copy_from_slice(dc);
                 }
             });
-        });
-    let dgh = (!dgh.is_empty()).then_some(&dgh[..]);
-    let dw = weight_grad(d, x, (&dxp, dgh, gp), state0, &out[..plane]);
+            // The weights' gradient over this block's samples, on this thread, while its
+            // gates' gradients are still in its cache.
+            let block = Dims { n: m, ..d };
+            let dg = (!dg.is_empty()).then_some(&*dg);
+            weight_grad(
+                block,
+                &x[r0 * tt * d.i..][..m * tt * d.i],
+                (&*dx, dg, gp),
+                &state0[r0 * h..],
+                &out[r0 * tt * h..][..m * tt * h],
+            )
+        })
+        .collect();
+    // The blocks' gradients added in order, so that the sum does not depend on scheduling.
+    let mut parts = parts.into_iter();
+    let mut dw = parts.next().unwrap_or_else(|| vec![T::zero(); g * wc]);
+    for part in parts {
+        vectorized(
+            #[inline(always)]
+            || {
+                for (a, &b) in dw.iter_mut().zip(&part) {
+                    *a += b;
+                }
+            },
+        );
+    }
     let dx = input_grad.then(|| {
         // dx = dxp W_ih
         matmul_new((n * tt, d.i, g), (&dxp, gp, 1), (w, wc, 1), pool())
@@ -556,7 +582,8 @@ fn backward<T: Gate>(
 
 /// `[dW_ih | dW_hh | db_hh | db_ih]` from the gradients of `x W_ihᵀ + b_ih` and of
 /// `h W_hhᵀ + b_hh` over all steps (`dxp`, `dgh`: `[N, T, gates·H]`, rows `gp` apart; no
-/// `dgh` where it equals `dxp`), the input `x` and the states `hs [N, T, H]`.
+/// `dgh` where it equals `dxp`), the input `x` and the states `hs [N, T, H]` of the `N`
+/// samples of `d` (a block of the batch), on the calling thread.
 ///
 /// Each step's pre-activations are `[x | h_prev | 1 | 1] · [W_ih | W_hh | b_hh | b_ih]ᵀ`, so
 /// the rows `[x | h_prev | 1 | 1]` of all steps, `[N·T, I + H + 2]`, give the whole gradient
@@ -573,7 +600,7 @@ fn weight_grad<T: Gate>(
 ) -> Vec<T> {
     let (n, tt, h, g, wc, i) = (d.n, d.t, d.h, d.g(), d.width(), d.i);
     let mut rows = zeroed(n * tt * wc);
-    rows.par_chunks_mut(tt * wc)
+    rows.chunks_mut(tt * wc)
         .enumerate()
         .for_each(|(sample, rows)| {
             for s in 0..tt {
@@ -591,7 +618,12 @@ fn weight_grad<T: Gate>(
             }
         });
     let Some(dgh) = dgh else {
-        return matmul_new((g, wc, n * tt), (dxp, 1, gp), (&rows, wc, 1), pool());
+        return matmul_new(
+            (g, wc, n * tt),
+            (dxp, 1, gp),
+            (&rows, wc, 1),
+            Parallelism::None,
+        );
     };
     let mut dw = zeroed(g * wc);
     // dW_hh from dgh, dW_ih from dxp, the biases' gradients their column sums.
@@ -602,7 +634,7 @@ fn weight_grad<T: Gate>(
             (grads, 1, gp),
             (&rows[columns.start..], wc, 1),
             false,
-            pool(),
+            Parallelism::None,
         );
     }
     for (column, grads) in [(i + h, dgh), (i + h + 1, dxp)] {
