@@ -586,17 +586,30 @@ fn im2col_row<T: Float>(g: &Geometry, u: &Unroll, x: &[T], row: usize, dst: &mut
     }
     let (i, j) = (tap / g.kw, tap % g.kw);
     let (rows, cols) = (g.rows(i), g.cols(j));
-    dst[..rows.start * ow].fill(T::zero());
-    dst[rows.end * ow..].fill(T::zero());
-    for oy in rows {
-        let d = &mut dst[oy * ow..][..ow];
-        d[..cols.start].fill(T::zero());
-        d[cols.end..].fill(T::zero());
-        if cols.is_empty() {
-            continue;
+    let start = |oy| g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
+    copy_window(dst, ow, (rows.clone(), cols.clone()), xc, start, g.stride.1);
+}
+
+/// Fills `dst` (rows of `width`) from `src`: rows `rows`, columns `cols` of each take every
+/// `stride`-th element of `src` from `start(row)` on; every other element is zero (padding).
+#[inline(always)]
+fn copy_window<T: Float>(
+    dst: &mut [T],
+    width: usize,
+    (rows, cols): (Range<usize>, Range<usize>),
+    src: &[T],
+    start: impl Fn(usize) -> usize,
+    stride: usize,
+) {
+    dst[..rows.start * width].fill(T::zero());
+    dst[rows.end * width..].fill(T::zero());
+    for r in rows {
+        let row = &mut dst[r * width..][..width];
+        row[..cols.start].fill(T::zero());
+        row[cols.end..].fill(T::zero());
+        if !cols.is_empty() {
+            gather(&mut row[cols.clone()], &src[start(r)..], stride);
         }
-        let start = g.in_row(oy, i) * g.w + g.in_col(cols.start, j);
-        gather(&mut d[cols.clone()], &xc[start..], g.stride.1);
     }
 }
 
@@ -808,10 +821,10 @@ fn weight_grad_gemm<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
 }
 
 /// A weight gradient of `len` elements summed over the plan's chunks of `n` samples:
-/// `add_chunk(s0, bs, dw, par)` adds the gradient of the `bs` samples from `s0` on to `dw`. Chunks are dealt to at most
-/// `threads` workers, in runs of consecutive chunks; each worker sums its chunks into a
-/// partial gradient, and the partials are added in order, so the result does not depend on
-/// thread scheduling.
+/// `add_chunk(s0, bs, dw, par)` adds the gradient of the `bs` samples from `s0` on to `dw`.
+/// Chunks are dealt to at most `threads` workers, in runs of consecutive chunks; each worker
+/// sums its chunks into a partial gradient, and the partials are added in order, so the
+/// result does not depend on thread scheduling.
 fn sum_over_chunks<T: Float>(
     n: usize,
     len: usize,
@@ -1097,7 +1110,14 @@ struct Phases {
 }
 
 impl Phases {
+    /// The layout of `g`'s planes; `g` must have one input channel per group (the direct
+    /// algorithm's).
     fn new(g: &Geometry) -> Phases {
+        assert_eq!(
+            g.cg(),
+            1,
+            "direct convolution needs one input channel per group"
+        );
         let (sh, sw) = g.stride;
         let hp = (g.h + 2 * g.pad.0).div_ceil(sh);
         let wp = (g.w + 2 * g.pad.1).div_ceil(sw);
@@ -1134,25 +1154,7 @@ impl Phases {
     /// Splits the input plane `x` (`[h, w]`) into `phases`.
     #[inline(always)]
     fn split<T: Float>(&self, g: &Geometry, x: &[T], phases: &mut [T]) {
-        let (sh, sw) = g.stride;
-        for a in 0..sh {
-            for b in 0..sw {
-                let plane = &mut phases[(a * sw + b) * self.hp * self.wp..][..self.hp * self.wp];
-                let (rows, cols) = self.real(g, a, b);
-                plane[..rows.start * self.wp].fill(T::zero());
-                plane[rows.end * self.wp..].fill(T::zero());
-                for u in rows {
-                    let row = &mut plane[u * self.wp..][..self.wp];
-                    row[..cols.start].fill(T::zero());
-                    row[cols.end..].fill(T::zero());
-                    if !cols.is_empty() {
-                        let iy = u * sh + a - g.pad.0;
-                        let ix = cols.start * sw + b - g.pad.1;
-                        gather(&mut row[cols.clone()], &x[iy * g.w + ix..], sw);
-                    }
-                }
-            }
-        }
+        split_phases(x, (g.h, g.w), g.pad, g.stride, (self.hp, self.wp), phases);
     }
 
     /// Writes the input-plane elements of `phases` into `dx` (`[h, w]`), the inverse of
@@ -1198,12 +1200,30 @@ impl Phases {
     }
 }
 
+/// Splits a plane `x` (`h × w`), zero-padded by `pad` before its rows and its columns, into
+/// its `sh · sw` phase planes of `hp × wp` (`stride = (sh, sw)`): element `(u, v)` of plane
+/// `(a, b)` is element `(u·sh + a, v·sw + b)` of the padded plane, zero where that is padding
+/// or lies past it. Depthwise convolution's [`Phases`], and Winograd's tiles (stride 2).
+#[inline(always)]
+fn split_phases<T: Float>(
+    x: &[T],
+    (h, w): (usize, usize),
+    (top, left): (usize, usize),
+    (sh, sw): (usize, usize),
+    (hp, wp): (usize, usize),
+    phases: &mut [T],
+) {
+    for a in 0..sh {
+        for b in 0..sw {
+            let plane = &mut phases[(a * sw + b) * hp * wp..][..hp * wp];
+            let (rows, cols) = (taps(hp, h, sh, a, top), taps(wp, w, sw, b, left));
+            let start = |u| (u * sh + a - top) * w + cols.start * sw + b - left;
+            copy_window(plane, wp, (rows.clone(), cols.clone()), x, start, sw);
+        }
+    }
+}
+
 fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
-    assert_eq!(
-        g.cg(),
-        1,
-        "direct convolution needs one input channel per group"
-    );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
     if ohw == 0 {
@@ -1236,11 +1256,6 @@ fn forward_direct<T: Float>(g: &Geometry, x: &[T], w: &[T], b: Option<&[T]>) -> 
 }
 
 fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
-    assert_eq!(
-        g.cg(),
-        1,
-        "direct convolution needs one input channel per group"
-    );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
     if hw == 0 {
@@ -1272,11 +1287,6 @@ fn input_grad_direct<T: Float>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
 }
 
 fn weight_grad_direct<T: Float>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
-    assert_eq!(
-        g.cg(),
-        1,
-        "direct convolution needs one input channel per group"
-    );
     let (og, hw, ohw, kk) = (g.og(), g.hw(), g.ohw(), g.kh * g.kw);
     let p = Phases::new(g);
     let mut dw = zeroed(g.o * kk);
@@ -1440,20 +1450,7 @@ mod tests {
             (cfg(6, (5, 5), (1, 1), (2, 2), (1, 1), 1), [4, 1, 12, 10]),
             (cfg(4, (3, 2), (2, 3), (2, 0), (2, 1), 2), [2, 2, 11, 13]),
         ] {
-            let w = [c.out as usize, 1, c.kernel.0 as usize, c.kernel.1 as usize];
-            let g = Geometry::new(&c, &x, &w).unwrap();
-            let (xs, ws, bs) = (data(&x, 1), data(&w, 2), data(&[g.o], 3));
-            let dy = data(&[g.n, g.o, g.oh, g.ow], 4);
-            let [a, b] = [Algorithm::Direct, Algorithm::Gemm];
-            let d = max_diff(
-                &forward(&g, a, &xs, &ws, Some(&bs)),
-                &forward(&g, b, &xs, &ws, Some(&bs)),
-            );
-            assert!(d < 1e-13, "forward {c:?}: {d}");
-            let d = max_diff(&input_grad(&g, a, &dy, &ws), &input_grad(&g, b, &dy, &ws));
-            assert!(d < 1e-13, "input gradient {c:?}: {d}");
-            let d = max_diff(&weight_grad(&g, a, &xs, &dy), &weight_grad(&g, b, &xs, &dy));
-            assert!(d < 1e-12, "weight gradient {c:?}: {d}");
+            agrees_with_im2col(Algorithm::Direct, &c, x);
         }
     }
 
@@ -1482,11 +1479,11 @@ mod tests {
     }
 
     /// Asserts that `alg` computes the output and the gradients of the input and the weight
-    /// of `c` (one group) on an input of dims `x` as im2col + GEMM does, in f64.
+    /// of `c` on an input of dims `x` as im2col + GEMM does, in f64.
     fn agrees_with_im2col(alg: Algorithm, c: &Conv2d, x: [usize; 4]) {
         let w = [
             c.out as usize,
-            x[1],
+            x[1] / c.groups as usize,
             c.kernel.0 as usize,
             c.kernel.1 as usize,
         ];

@@ -1,6 +1,6 @@
 //! Shared pieces of our CPU kernels: the element types with their per-thread scratch buffers,
-//! output buffers zeroed on the whole pool, a strided gather, and reductions that vectorise
-//! without changing with the thread count.
+//! output buffers zeroed on the whole pool or chunk by chunk in the tasks that fill them, a
+//! strided gather, and reductions that vectorise without changing with the thread count.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;

@@ -599,7 +599,9 @@ fn weight_grad<T: Gate>(
     hs: &[T],
 ) -> Vec<T> {
     let (n, tt, h, g, wc, i) = (d.n, d.t, d.h, d.g(), d.width(), d.i);
-    let mut rows = zeroed(n * tt * wc);
+    // On this thread (a block's own), as everything here: `zeroed` would share the zeroing
+    // with the pool's other thread, which is busy with its own block.
+    let mut rows = vec![T::zero(); n * tt * wc];
     rows.chunks_mut(tt * wc)
         .enumerate()
         .for_each(|(sample, rows)| {

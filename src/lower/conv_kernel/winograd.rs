@@ -40,7 +40,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{Geometry, Plan, fill_chunks, matmul, sum_over_chunks};
+use super::{Geometry, Plan, fill_chunks, matmul, split_phases, sum_over_chunks};
 use crate::lower::kernel::{Float, gather, vectorized, zeroed};
 
 /// Positions of a transformed (4×4) tile.
@@ -293,31 +293,6 @@ fn for_each_block<T: Float>(
     }
 }
 
-/// Splits a `rows × width` plane, placed at `(top, left)` on a canvas of zeros, into the
-/// canvas's four phase planes: `phases[2·rp + cp][r · pitch + c] = canvas[2r + rp][2c + cp]`,
-/// each `len` elements. The plane must lie inside `len / pitch` rows of `pitch` per phase.
-fn split_phases<T: Float>(
-    plane: &[T],
-    (rows, width): (usize, usize),
-    (top, left): (usize, usize),
-    (pitch, len): (usize, usize),
-    phases: &mut [T],
-) {
-    phases.fill(T::zero());
-    for (r, row) in plane.chunks_exact(width).take(rows).enumerate() {
-        let pr = r + top;
-        for cp in 0..2 {
-            // The first element of `row` on a canvas column of this parity.
-            let first = (cp + 2 - left % 2) % 2;
-            if first < width {
-                let count = (width - first).div_ceil(2);
-                let at = (2 * (pr % 2) + cp) * len + pr / 2 * pitch + (left + first) / 2;
-                gather(&mut phases[at..][..count], &row[first..], 2);
-            }
-        }
-    }
-}
-
 /// The 16 rows of a transform's output, `len` elements each from `start` on.
 fn sixteen<T>(data: &mut [T], row_len: usize, start: usize, len: usize) -> [&mut [T]; XI] {
     let mut rows = data.chunks_exact_mut(row_len);
@@ -329,15 +304,16 @@ fn sixteen<T>(data: &mut [T], row_len: usize, start: usize, len: usize) -> [&mut
 fn transform_input<T: Float>(g: &Geometry, t: Tiles, x: &[T], bs: usize, v: &mut [T], pool: bool) {
     let cols = bs * t.per_sample();
     let n = t.per_sample();
-    // Phase planes of the padded input: `th + 1` rows, and one element more for the slack
-    // column of the last tile row, which reads one past its row.
-    let len = (t.th + 1) * t.pitch() + 1;
+    // Phase planes of the padded input, `pitch` wide: `th + 1` rows, and one row more for
+    // the slack column of the last tile row, which reads one element past its plane's rows.
+    let len = (t.th + 2) * t.pitch();
     for_each_block(v, XI * cols, pool, |ci, v| {
         let mut phases = vec![T::zero(); 4 * len];
         let mut half_done = vec![T::zero(); XI * n];
         for s in 0..bs {
             let plane = &x[(s * g.c + ci) * g.hw()..][..g.hw()];
-            split_phases(plane, (g.h, g.w), g.pad, (t.pitch(), len), &mut phases);
+            let shape = (t.th + 2, t.pitch());
+            split_phases(plane, (g.h, g.w), g.pad, (2, 2), shape, &mut phases);
             let out = sixteen(v, cols, s * n, n);
             vectorized(
                 #[inline(always)]
@@ -421,7 +397,8 @@ fn transform_output_grad<T: Float>(
         let mut phases = vec![T::zero(); 4 * len];
         for s in 0..bs {
             let plane = &dy[(s * g.o + oc) * g.ohw()..][..g.ohw()];
-            split_phases(plane, (g.oh, g.ow), (0, 0), (t.pitch(), len), &mut phases);
+            let shape = (t.th, t.pitch());
+            split_phases(plane, (g.oh, g.ow), (0, 0), (2, 2), shape, &mut phases);
             let out = sixteen(q, cols, s * len, len);
             vectorized(
                 #[inline(always)]
